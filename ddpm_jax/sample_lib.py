@@ -1,0 +1,43 @@
+"""sample.py's library half: restore the latest checkpoint of a run and draw from its EMA params."""
+
+from __future__ import annotations
+
+import os
+
+import jax
+import numpy as np
+
+from ddpm_jax import checkpoint, evaluate, train_lib
+from ddpm_jax.loop import draw_samples
+
+
+def restore_run(workdir: str):
+    """(config, unreplicated state) of the latest checkpoint in workdir, or a CheckpointError."""
+    config = checkpoint.load_config(workdir)
+    state = train_lib.create_train_state(config, jax.random.PRNGKey(config.seed))
+    mngr = checkpoint.make_manager(workdir)
+    restored = checkpoint.restore_latest(mngr, state)
+    if restored is None:
+        raise checkpoint.CheckpointError(f"{checkpoint.checkpoint_dir(workdir)} holds no checkpoint: train first "
+                                         f"(python train.py --workdir={workdir}).")
+    return config, restored
+
+
+def sample_from_workdir(workdir: str, num: int, seed: int = 0, out: str | None = None,
+                        strip: bool = False) -> list[str]:
+    """Writes a PNG grid and an .npz of `num` samples (and a denoising strip); returns the paths."""
+    if isinstance(num, bool) or not isinstance(num, int) or num < 1:
+        raise ValueError(f"--num must be a positive integer, got {num!r}.")
+    config, state = restore_run(workdir)
+    sched = train_lib.make_schedule(config)
+    *_, p_sample = train_lib.make_pmapped_steps(config, state.apply_fn, sched)
+    params = train_lib.replicate(state.ema_params)
+    result = draw_samples(p_sample, params, config, jax.random.PRNGKey(seed), num, num_frames=10 if strip else 0)
+    out = out or os.path.join(workdir, f"sample_seed{seed}.png")
+    paths = [evaluate.save_grid(result["samples"], out)]
+    npz = os.path.splitext(out)[0] + ".npz"
+    np.savez(npz, samples=result["samples"])
+    paths.append(npz)
+    if strip:
+        paths.append(evaluate.save_strip(result["frames"][:, :8], os.path.splitext(out)[0] + "_strip.png"))
+    return paths

@@ -1,0 +1,11 @@
+"""Test-session setup: 4 forced host (CPU) devices, so pmap tests see several devices.
+
+This must run before anything imports jax; conftest.py is imported by pytest before the test
+modules, so setting the flag here covers the whole suite.
+"""
+
+import os
+
+_FLAG = "--xla_force_host_platform_device_count=4"
+if _FLAG not in os.environ.get("XLA_FLAGS", ""):
+    os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " " + _FLAG).strip()

@@ -1,0 +1,193 @@
+"""Tests for the DDPM UNet: parameter counts, shapes, dtypes, dropout, time conditioning, config checks.
+
+XLA compiles dominate the runtime, so one tiny model is compiled once per mode (module fixtures) and
+the large CIFAR-10 model is only traced with jax.eval_shape.
+"""
+
+import chex
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import pytest
+
+from configs import cifar10, default
+from ddpm_jax.models import UNet, create_model
+
+CIFAR10_PARAMS = 35_746_307  # the paper's "35.7M" (Ho et al. 2020, appendix B)
+TINY_PARAMS = 26_553
+TINY_SHAPE = (2, 8, 8, 1)  # [B, H, W, C]
+
+
+def _tiny_config(**overrides) -> ml_collections.ConfigDict:
+    m = ml_collections.ConfigDict(dict(ch=8, ch_mult=(1, 2), num_res_blocks=1, attn_resolutions=(4,),
+                                       dropout=0.1, num_groups=4, dtype="float32"))
+    m.update(overrides)
+    return m
+
+
+def _count(params) -> int:
+    return sum(int(np.prod(p.shape)) for p in jax.tree.leaves(params))
+
+
+def _abstract_params(model: UNet, shape) -> dict:
+    """Parameter shapes without running the init (no compile, no memory)."""
+    x = jax.ShapeDtypeStruct(shape, jnp.float32)
+    t = jax.ShapeDtypeStruct(shape[:1], jnp.int32)
+    return jax.eval_shape(lambda x, t: model.init(jax.random.PRNGKey(0), x, t, train=False), x, t)["params"]
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    return create_model(_tiny_config(), image_size=8, out_channels=1)
+
+
+@pytest.fixture(scope="module")
+def tiny_params(tiny):
+    x = jnp.zeros(TINY_SHAPE)
+    t = jnp.zeros(TINY_SHAPE[:1], jnp.int32)
+    return jax.jit(lambda rng: tiny.init(rng, x, t, train=False))(jax.random.PRNGKey(0))["params"]
+
+
+@pytest.fixture(scope="module")
+def perturbed_params(tiny_params):
+    """Every parameter nudged, so the zero-initialised layers no longer hide the network's inputs."""
+    leaves, treedef = jax.tree.flatten(tiny_params)
+    keys = jax.random.split(jax.random.PRNGKey(1), len(leaves))
+    noisy = [p + 0.1 * jax.random.normal(k, p.shape) for p, k in zip(leaves, keys)]
+    return jax.tree.unflatten(treedef, noisy)
+
+
+@pytest.fixture(scope="module")
+def inputs():
+    x = jax.random.normal(jax.random.PRNGKey(2), TINY_SHAPE)
+    t = jnp.array([3, 700], jnp.int32)
+    return x, t
+
+
+def _make_apply(model: UNet):
+    """One jitted apply per (model, train); params, inputs and rng are traced arguments."""
+
+    def apply(params, x, t, rng, train):
+        return model.apply({"params": params}, x, t, train=train, rngs={"dropout": rng})
+
+    return jax.jit(apply, static_argnames="train")
+
+
+@pytest.fixture(scope="module")
+def tiny_apply(tiny):
+    return _make_apply(tiny)
+
+
+def test_cifar10_param_count():
+    config = cifar10.get_config()
+    model = create_model(config.model, config.data.image_size, config.data.channels)
+    n = _count(_abstract_params(model, (1, 32, 32, 3)))
+    assert abs(n - 35.7e6) / 35.7e6 < 0.01
+    assert n == CIFAR10_PARAMS
+
+
+def test_tiny_param_count_and_float32_params(tiny_params):
+    assert _count(tiny_params) == TINY_PARAMS
+    assert all(p.dtype == jnp.float32 for p in jax.tree.leaves(tiny_params))
+
+
+def test_output_shape_dtype_and_zero_init(tiny_apply, tiny_params, inputs):
+    x, t = inputs
+    out = tiny_apply(tiny_params, x, t, jax.random.PRNGKey(0), train=False)
+    chex.assert_shape(out, TINY_SHAPE)
+    chex.assert_type(out, jnp.float32)
+    chex.assert_tree_all_finite(out)
+    # The last conv starts at zero (paper code), so the untrained network predicts zero.
+    np.testing.assert_array_equal(out, 0.0)
+
+
+def test_learned_variance_doubles_output_channels(tiny_params, inputs):
+    model = create_model(_tiny_config(), image_size=8, out_channels=2)
+    x, t = inputs
+    out = jax.eval_shape(lambda x, t: model.apply({"params": _widen_out(tiny_params)}, x, t, train=False), x, t)
+    assert out.shape == TINY_SHAPE[:3] + (2,)
+    assert out.dtype == jnp.float32
+    # Only conv_out depends on out_ch.
+    assert _count(_abstract_params(model, TINY_SHAPE)) == TINY_PARAMS + 8 * 9 + 1
+
+
+def _widen_out(params):
+    params = dict(params)
+    conv = params["conv_out"]
+    params["conv_out"] = {"kernel": jnp.concatenate([conv["kernel"]] * 2, axis=-1),
+                          "bias": jnp.concatenate([conv["bias"]] * 2, axis=-1)}
+    return params
+
+
+def test_output_finite_after_perturbation(tiny_apply, perturbed_params, inputs):
+    x, t = inputs
+    out = tiny_apply(perturbed_params, x, t, jax.random.PRNGKey(0), train=False)
+    chex.assert_tree_all_finite(out)
+    assert float(jnp.abs(out).max()) > 0
+
+
+def test_dropout_only_in_train_mode(tiny_apply, perturbed_params, inputs):
+    x, t = inputs
+    rng_a, rng_b = jax.random.PRNGKey(10), jax.random.PRNGKey(11)
+    eval_a = tiny_apply(perturbed_params, x, t, rng_a, train=False)
+    eval_b = tiny_apply(perturbed_params, x, t, rng_b, train=False)
+    np.testing.assert_array_equal(eval_a, eval_b)  # train=False ignores the dropout rng
+    train_a = tiny_apply(perturbed_params, x, t, rng_a, train=True)
+    train_a2 = tiny_apply(perturbed_params, x, t, rng_a, train=True)
+    train_b = tiny_apply(perturbed_params, x, t, rng_b, train=True)
+    np.testing.assert_array_equal(train_a, train_a2)  # deterministic given the rng
+    assert not np.allclose(train_a, train_b)
+    assert not np.allclose(train_a, eval_a)
+
+
+def test_time_conditioning_changes_output(tiny_apply, perturbed_params, inputs):
+    x, t = inputs
+    rng = jax.random.PRNGKey(0)
+    out = tiny_apply(perturbed_params, x, t, rng, train=False)
+    out_other_t = tiny_apply(perturbed_params, x, t + 50, rng, train=False)
+    assert float(jnp.abs(out - out_other_t).max()) > 1e-3 * float(jnp.abs(out).max())
+
+
+def test_float_timesteps_trace(tiny, tiny_params, inputs):
+    x, _ = inputs
+    t = jnp.array([3.5, 700.25], jnp.float32)
+    out = jax.eval_shape(lambda p, x, t: tiny.apply({"params": p}, x, t, train=False), tiny_params, x, t)
+    assert out.shape == TINY_SHAPE and out.dtype == jnp.float32
+
+
+def test_bfloat16_compute_close_to_float32(tiny_apply, perturbed_params, inputs):
+    model = create_model(_tiny_config(dtype="bfloat16"), image_size=8, out_channels=1)
+    x, t = inputs
+    rng = jax.random.PRNGKey(0)
+    # The bf16 model has the same float32 parameters as the float32 one.
+    assert jax.tree.structure(_abstract_params(model, TINY_SHAPE)) == jax.tree.structure(perturbed_params)
+    out_bf16 = _make_apply(model)(perturbed_params, x, t, rng, train=False)
+    out_f32 = tiny_apply(perturbed_params, x, t, rng, train=False)
+    chex.assert_type(out_bf16, jnp.float32)
+    chex.assert_tree_all_finite(out_bf16)
+    scale = float(jnp.abs(out_f32).max())
+    np.testing.assert_allclose(out_bf16, out_f32, atol=0.05 * scale)
+
+
+def test_default_config_builds():
+    config = default.get_config()
+    model = create_model(config.model, config.data.image_size, config.data.channels)
+    assert _count(_abstract_params(model, (1, 8, 8, 1))) > 0
+
+
+def test_image_size_not_divisible_raises():
+    with pytest.raises(ValueError, match=r"config\.data\.image_size.*config\.model\.ch_mult"):
+        create_model(_tiny_config(ch_mult=(1, 2, 2)), image_size=6, out_channels=1)
+
+
+def test_unknown_attention_resolution_lists_valid_ones():
+    with pytest.raises(ValueError, match=r"config\.model\.attn_resolutions.*valid resolutions are \(8, 4\)"):
+        create_model(_tiny_config(attn_resolutions=(3,)), image_size=8, out_channels=1)
+
+
+@pytest.mark.parametrize("field, value", [("num_groups", 3), ("dropout", 1.0), ("dropout", -0.1),
+                                          ("dtype", "float16")])
+def test_other_config_checks(field, value):
+    with pytest.raises(ValueError, match=rf"config\.model\.{field}"):
+        create_model(_tiny_config(**{field: value}), image_size=8, out_channels=1)
