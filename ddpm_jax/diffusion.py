@@ -303,8 +303,9 @@ def training_losses(sched: Schedule, model_fn: ModelFn, x0, t, noise, *, paramet
         Ho et al. eq. 14 for eps.
       "vlb": T * L_t in bits/dim, an unbiased estimate of sum_t L_t under uniform t.
       "weighted": the lecture's omega_t-weighted MSE of the output, which equals the KL
-        L_{t-1} for a fixed variance (omega_t = (d mu / d output)^2 / (2 sigma_t^2)), and the
-        decoder NLL at t = 0; scaled by T like "vlb".
+        L_{t-1} for a fixed variance (omega_t = (d mu / d output)^2 / (2 sigma_t^2); plus the KL's
+        constant variance-mismatch term for fixed_large), and the decoder NLL at t = 0; scaled by T
+        like "vlb".
       "hybrid": simple + 1e-3 * vlb, the vlb term seeing a stop-gradient mean so it trains only
         the variance (Nichol & Dhariwal sec. 3.1).
 
@@ -338,7 +339,10 @@ def training_losses(sched: Schedule, model_fn: ModelFn, x0, t, noise, *, paramet
     if loss_type == "weighted":
         log_var = model_log_variance(sched, None, xt, t, variance)
         omega = mean_per_output(sched, xt, t, parameterization) ** 2 / (2.0 * jnp.exp(log_var))
-        weighted = _bpd(omega * (target - output) ** 2)
+        # The KL's variance part: 0 for fixed_small (same table, exactly 0 in float32), a constant for fixed_large.
+        true_log_var = extract(sched.posterior_log_variance_clipped, t, xt.shape)
+        var_part = 0.5 * ((log_var - true_log_var) - 1.0 + jnp.exp(true_log_var - log_var))
+        weighted = _bpd(omega * (target - output) ** 2 + var_part)
         decoder = vb_terms_bpd(sched, x0, xt, t, p_mean_variance(sched, model_output, xt, t, parameterization,
                                                                  variance)["mean"], log_var)
         terms["vb"] = jnp.where(t == 0, decoder, weighted)

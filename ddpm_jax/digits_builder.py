@@ -13,6 +13,7 @@ Split (fixed, the same on every machine and version):
 
 import numpy as np
 import tensorflow_datasets as tfds
+from etils import epath
 
 NUM_EXAMPLES = 1797
 NUM_TEST = 297
@@ -55,6 +56,10 @@ class Digits(tfds.core.GeneratorBasedBuilder):
     name = "digits"
     VERSION = tfds.core.Version("1.0.0")
     RELEASE_NOTES = {"1.0.0": "sklearn load_digits, uint8 round(v*255/16), 1500/297 split."}
+    # tfds 4.9.10 derives `code_path` with `importlib_resources`, which it declares only for
+    # Python < 3.9, so preparing fails with ModuleNotFoundError where that package is absent.
+    # This file is the code path; it only serves to find a (non-existent) checksums file.
+    code_path = epath.Path(__file__)
 
     def _info(self) -> tfds.core.DatasetInfo:
         return self.dataset_info_from_configs(

@@ -47,7 +47,7 @@ class _StopFlag:
     """Set by SIGTERM / SIGINT so the loop can save and exit cleanly (pre-emption)."""
 
     def __init__(self):
-        self.signal = None
+        self.signal: str | None = None
         self._old = {}
         for sig in (signal.SIGTERM, signal.SIGINT):
             try:
@@ -113,8 +113,14 @@ def draw_samples(p_sample, params, config, rng, num: int, num_frames: int = 0) -
     return result
 
 
-def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, stop_at_step: int | None = None) -> dict:
     """Trains (resuming from the latest checkpoint in workdir) and writes samples, curves, bits/dim.
+
+    Args:
+      config: the run's config (validated first).
+      workdir: checkpoints, metrics and pictures go here.
+      stop_at_step: stop early at this step as if pre-empted (checkpoint, no final evaluation);
+        running again resumes exactly where it stopped.
 
     Returns:
       dict of the final numbers (also written to <workdir>/results.json).
@@ -172,6 +178,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
                 evaluate.save_grid(grid["samples"], os.path.join(workdir, "samples", f"step_{step:07d}.png"))
             if step % tr.checkpoint_every == 0 or last:
                 checkpoint.save(mngr, train_lib.unreplicate(rstate))
+            if stop_at_step is not None and step >= stop_at_step and not last:
+                stop.signal = f"stop_at_step={stop_at_step}"
         bar.close()
         if stop.signal is not None:
             checkpoint.save(mngr, train_lib.unreplicate(rstate), force=True)
