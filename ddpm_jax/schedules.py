@@ -61,7 +61,8 @@ def betas_for(name: str, num_timesteps: int, *, beta_start: float | None = None,
       num_timesteps: T >= 1.
       beta_start, beta_end: range for linear / quadratic / sigmoid; default 1e-4 and 0.02,
         both scaled by 1000 / T.
-      s, max_beta: cosine offset and clip (Nichol & Dhariwal 2021).
+      s: cosine offset (Nichol & Dhariwal 2021).
+      max_beta: every beta is clipped to at most this (0.999), as the cosine schedule does.
       value: the constant beta; default beta_end (0.02 * 1000 / T).
 
     Returns:
@@ -84,8 +85,9 @@ def betas_for(name: str, num_timesteps: int, *, beta_start: float | None = None,
         betas = start + (end - start) * sig
     else:  # cosine
         abar = cosine_alphas_cumprod(num_timesteps, s)
-        betas = np.minimum(1.0 - abar[1:] / abar[:-1], max_beta)
-    return _check_betas(betas)
+        betas = 1.0 - abar[1:] / abar[:-1]
+    # Short chains scale the linear range past 1 (T < 20): clip as the cosine schedule does.
+    return _check_betas(np.minimum(betas, max_beta))
 
 
 def ve_sigmas(num_timesteps: int, sigma_min: float = 0.01, sigma_max: float = 50.0) -> np.ndarray:

@@ -105,6 +105,16 @@ def test_betas_for_linear_is_ho_range_at_1000():
     assert b[0] == pytest.approx(5e-4, rel=1e-12) and b[-1] == pytest.approx(0.1, rel=1e-12)
 
 
+@pytest.mark.parametrize("name", ["linear", "quadratic", "constant", "sigmoid"])
+def test_short_chains_clip_at_max_beta(name):
+    # T = 10 scales the range by 100: 0.01 .. 2.0, past 1. Every schedule is clipped at max_beta (0.999).
+    T = 10
+    b = S.betas_for(name, T)
+    np.testing.assert_allclose(b, np.minimum(ref_betas(name, T), 0.999), rtol=1e-12)
+    assert b.max() == pytest.approx(0.999) and np.all(b < 1)
+    assert S.make_schedule(name, T).num_timesteps == T
+
+
 def test_betas_for_cosine_clip():
     # T = 10: the last cosine step would be 1 - f(T)/f(T-1) = 1 (f(T) = cos(pi/2)^2 = 0): clipped to 0.999.
     b = S.betas_for("cosine", 10)
@@ -133,9 +143,6 @@ def test_betas_outside_unit_interval_rejected():
     for bad in ([0.1, 0.0, 0.2], [0.1, 1.0], [0.5, -0.1], [0.1, np.nan], [], [[0.1, 0.2]]):
         with pytest.raises(ValueError):
             S.make_schedule(np.asarray(bad, np.float64))
-    # A named range that overshoots 1: linear at T = 10 has beta_T = 0.02 * 100 = 2.
-    with pytest.raises(ValueError):
-        S.betas_for("linear", 10)
     with pytest.raises(ValueError):
         S.make_schedule(lambda T: np.full(T, 1.5), 4)
 
