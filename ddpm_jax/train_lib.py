@@ -43,14 +43,19 @@ def model_out_channels(config: ml_collections.ConfigDict) -> int:
 
 
 def learning_rate_schedule(optim: ml_collections.ConfigDict, num_train_steps: int) -> optax.Schedule:
-    """Linear warm-up to optim.lr, then constant (Ho et al.) or cosine decay to 0 at the last step."""
+    """Linear warm-up to optim.lr, then constant (Ho et al.) or cosine decay to 0 at the last step.
+
+    Evaluated at count + 1, so the first step already moves (lr / warmup_steps), not lr = 0.
+    """
     warmup = max(int(optim.warmup_steps), 1)
     if optim.lr_schedule == "constant":
-        return optax.join_schedules(
+        base = optax.join_schedules(
             [optax.linear_schedule(0.0, optim.lr, warmup), optax.constant_schedule(optim.lr)], [warmup])
-    if optim.lr_schedule == "cosine":
-        return optax.warmup_cosine_decay_schedule(0.0, optim.lr, warmup, max(num_train_steps, warmup + 1))
-    raise ValueError(f"config.optim.lr_schedule={optim.lr_schedule!r}; use 'constant' or 'cosine'.")
+    elif optim.lr_schedule == "cosine":
+        base = optax.warmup_cosine_decay_schedule(0.0, optim.lr, warmup, max(num_train_steps, warmup + 1))
+    else:
+        raise ValueError(f"config.optim.lr_schedule={optim.lr_schedule!r}; use 'constant' or 'cosine'.")
+    return lambda count: base(count + 1)
 
 
 def make_optimizer(config: ml_collections.ConfigDict) -> optax.GradientTransformation:
