@@ -23,7 +23,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.model = ml_collections.ConfigDict()
     config.model.ch = 32
     config.model.ch_mult = (1, 2)
-    config.model.num_res_blocks = 2
+    config.model.num_res_blocks = 1
     config.model.attn_resolutions = (4,)
     config.model.dropout = 0.0
     config.model.num_groups = 8  # GroupNorm groups (the paper uses 32 with ch=128)
@@ -39,12 +39,12 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
 
     config.training = ml_collections.ConfigDict()
     config.training.batch_size = 128  # global, split over all devices
-    config.training.num_train_steps = 2000
+    config.training.num_train_steps = 1200
     config.training.ema_decay = 0.998
     config.training.log_every = 50
-    config.training.eval_every = 1000  # test-split loss
+    config.training.eval_every = 500  # test-split loss
     config.training.num_eval_batches = 4
-    config.training.sample_every = 1000  # sample grid (PNG) from EMA params
+    config.training.sample_every = 100000  # intermediate sample grids (PNG) from EMA params; the final one is always drawn
     config.training.checkpoint_every = 500
     config.training.keep_checkpoints = 3
     config.training.final_bpd = True  # full-bound test bits/dim at the end

@@ -28,7 +28,7 @@ def image_grid(images, ncol: int | None = None, pad: int = 1) -> np.ndarray:
     return grid
 
 
-def save_png(array: np.ndarray, path: str, min_size: int = 256) -> str:
+def save_png(array: np.ndarray, path: str, min_size: int = 512) -> str:
     """Saves a uint8 image, scaled up with nearest-neighbour so that tiny digits stay visible."""
     scale = max(1, min_size // max(array.shape[:2]))
     img = Image.fromarray(array[..., 0] if array.shape[-1] == 1 else array)

@@ -132,3 +132,13 @@ def test_train_and_sample_scripts_end_to_end(tmp_path, digits_dir):
     bad = subprocess.run([sys.executable, "sample.py", f"--workdir={tmp_path / 'nothing'}"], cwd=ROOT, env=env,
                          capture_output=True, text=True, timeout=600)
     assert bad.returncode != 0 and "train.py" in bad.stderr
+
+
+def test_ema_decay_warms_up_and_lr_starts_above_zero():
+    assert float(train_lib.ema_decay(0.998, 0)) == pytest.approx(0.1)
+    assert float(train_lib.ema_decay(0.998, 10**6)) == pytest.approx(0.998)
+    config = default.get_config()
+    lr = train_lib.learning_rate_schedule(config.optim, config.training.num_train_steps)
+    assert float(lr(0)) == pytest.approx(config.optim.lr / config.optim.warmup_steps)
+    assert float(lr(config.optim.warmup_steps - 1)) == pytest.approx(config.optim.lr)
+    assert float(lr(config.training.num_train_steps - 1)) < 1e-3 * config.optim.lr  # cosine decays to 0
