@@ -13,7 +13,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
 
     config.data = ml_collections.ConfigDict()
     config.data.dataset = "digits"  # any tfds name; "digits" is the offline sklearn set
-    config.data.data_dir = None  # tfds data_dir; None = tfds default
+    config.data.data_dir = ml_collections.config_dict.placeholder(str)  # tfds data_dir; None = tfds default
     config.data.image_size = 8
     config.data.channels = 1
     config.data.random_flip = False  # digits are not mirror-symmetric
@@ -48,6 +48,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.training.checkpoint_every = 500
     config.training.keep_checkpoints = 3
     config.training.final_bpd = True  # full-bound test bits/dim at the end
+    config.training.max_nonfinite_steps = 10  # stop (with a checkpoint) after this many skipped NaN/Inf steps in a row
 
     config.optim = ml_collections.ConfigDict()
     config.optim.lr = 1e-3

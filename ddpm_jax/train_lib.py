@@ -11,7 +11,6 @@ from __future__ import annotations
 import functools
 from typing import Any
 
-import flax
 import jax
 import jax.numpy as jnp
 import ml_collections
@@ -224,4 +223,9 @@ def replicate(tree, devices=None):
 
 
 def unreplicate(tree):
-    return flax.jax_utils.unreplicate(tree)
+    """The first device's copy of a replicated pytree, as host (NumPy) arrays."""
+    def first(x):
+        if isinstance(x, jax.Array) and len(x.addressable_shards) > 0:
+            return np.asarray(x.addressable_shards[0].data)[0]
+        return np.asarray(x)[0]
+    return jax.tree_util.tree_map(first, tree)

@@ -41,7 +41,8 @@ def train_images(digits_dir):
 
 @pytest.fixture(scope="module")
 def setup():
-    config = tiny_config()
+    config = tiny_config(num_train_steps=1000)
+    config.optim.lr_schedule = "constant"  # the loss-falls test takes 60 steps at full lr
     state = train_lib.create_train_state(config, jax.random.PRNGKey(0))
     sched = train_lib.make_schedule(config)
     fns = train_lib.make_pmapped_steps(config, state.apply_fn, sched)
@@ -139,6 +140,6 @@ def test_ema_decay_warms_up_and_lr_starts_above_zero():
     assert float(train_lib.ema_decay(0.998, 10**6)) == pytest.approx(0.998)
     config = default.get_config()
     lr = train_lib.learning_rate_schedule(config.optim, config.training.num_train_steps)
-    assert float(lr(0)) == pytest.approx(config.optim.lr / config.optim.warmup_steps)
-    assert float(lr(config.optim.warmup_steps - 1)) == pytest.approx(config.optim.lr)
+    assert float(lr(0)) == pytest.approx(config.optim.lr / config.optim.warmup_steps, rel=1e-4)
+    assert float(lr(config.optim.warmup_steps - 1)) == pytest.approx(config.optim.lr, rel=1e-4)
     assert float(lr(config.training.num_train_steps - 1)) < 1e-3 * config.optim.lr  # cosine decays to 0
