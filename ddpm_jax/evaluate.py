@@ -9,15 +9,12 @@ import os
 import numpy as np
 from PIL import Image
 
-
-def to_uint8(images) -> np.ndarray:
-    """[-1, 1] floats -> uint8 (the inverse of the data scaling)."""
-    return np.clip(np.round((np.asarray(images, np.float32) + 1.0) * 127.5), 0, 255).astype(np.uint8)
+from ddpm_jax.data import unscale_images
 
 
 def image_grid(images, ncol: int | None = None, pad: int = 1) -> np.ndarray:
     """[N, H, W, C] in [-1, 1] -> one uint8 [rows*(H+pad)+pad, cols*(W+pad)+pad, C] mosaic."""
-    images = to_uint8(images)
+    images = unscale_images(images)
     n, h, w, c = images.shape
     ncol = ncol or int(math.ceil(math.sqrt(n)))
     nrow = int(math.ceil(n / ncol))
