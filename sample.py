@@ -3,13 +3,14 @@
 Writes a PNG grid and an .npz of the samples (EMA params of the latest checkpoint).
 """
 
-import os
 import sys
 
 from absl import app, flags
 
+from ddpm_jax.validation import UserError, flags_parser
+
 _WORKDIR = flags.DEFINE_string("workdir", "runs/default", "A workdir that train.py wrote.")
-_NUM = flags.DEFINE_integer("num", 64, "How many samples.", lower_bound=1)
+_NUM = flags.DEFINE_integer("num", 64, "How many samples, a whole number >= 1.", lower_bound=1)
 _SEED = flags.DEFINE_integer("seed", 0, "Sampling seed.")
 _OUT = flags.DEFINE_string("out", None, "Output PNG path; default <workdir>/sample_seed<seed>.png.")
 _STRIP = flags.DEFINE_bool("strip", False, "Also write a denoising strip (x_T to x_0).")
@@ -18,16 +19,15 @@ _STRIP = flags.DEFINE_bool("strip", False, "Also write a denoising strip (x_T to
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
-    from ddpm_jax.checkpoint import CheckpointError
     from ddpm_jax.sample_lib import sample_from_workdir
 
     try:
         paths = sample_from_workdir(_WORKDIR.value, _NUM.value, _SEED.value, _OUT.value, _STRIP.value)
-    except (ValueError, CheckpointError) as e:
+    except (ValueError, UserError) as e:
         sys.exit(f"error: {e}")
     for path in paths:
         print(f"wrote {path}")
 
 
 if __name__ == "__main__":
-    app.run(main)
+    app.run(main, flags_parser=flags_parser())

@@ -1,34 +1,56 @@
 """Trains a DDPM: `python train.py [--config=configs/default.py] [--workdir=runs/default]`.
 
 Any config field can be overridden, e.g. `--config.training.num_train_steps=500`.
-Re-running the same command resumes from the latest checkpoint in --workdir.
+Re-running the same command resumes from the latest checkpoint in --workdir; SIGTERM / Ctrl-C
+save a checkpoint first. Several hosts: start one process per host with --coordinator_address,
+--num_processes and --process_id (or the JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES and
+JAX_PROCESS_ID environment variables, or --distributed on a cluster JAX detects).
 """
 
 import os
+import shlex
 import sys
 
 from absl import app, flags
 from ml_collections import config_flags
 
-_CONFIG = config_flags.DEFINE_config_file("config", os.path.join(os.path.dirname(__file__), "configs", "default.py"),
-                                          "Training config file.", lock_config=True)
+from ddpm_jax.validation import UserError, flags_parser
+
+_DEFAULT_CONFIG = os.path.join(os.path.dirname(os.path.abspath(__file__)), "configs", "default.py")
+_CONFIG = config_flags.DEFINE_config_file("config", _DEFAULT_CONFIG, "Training config file.", lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", "runs/default", "Where checkpoints, metrics and samples go.")
+_COORDINATOR = flags.DEFINE_string("coordinator_address", None, "Multi-process runs: host:port of process 0.")
+_NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Multi-process runs: how many processes.", lower_bound=1)
+_PROCESS_ID = flags.DEFINE_integer("process_id", None, "Multi-process runs: this process's index.", lower_bound=0)
+_AUTO = flags.DEFINE_bool("distributed", False, "Start jax.distributed with the cluster JAX detects (SLURM, ...).")
 
 
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+    from ddpm_jax import distributed
+
+    try:  # before anything touches a device
+        distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value, auto=_AUTO.value)
+    except distributed.DistributedError as e:
+        sys.exit(f"error: {e}")
     from ddpm_jax import data, loop
-    from ddpm_jax.checkpoint import CheckpointError
 
     data.hide_gpus_from_tf()
     try:
         results = loop.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
-    except (ValueError, CheckpointError) as e:
+    except (ValueError, UserError) as e:
         sys.exit(f"error: {e}")
+    except KeyboardInterrupt:
+        sys.exit(f"error: interrupted twice; stopped without saving. The last complete checkpoint in "
+                 f"{_WORKDIR.value} is kept: run the same command again to resume from it.")
+    if "stopped_at" in results:
+        if distributed.is_main_process():
+            print(f"To resume: {shlex.join([sys.executable] + sys.argv)}")
+        return
     for key, value in results.items():
         print(f"{key}: {value}")
 
 
 if __name__ == "__main__":
-    app.run(main)
+    app.run(main, flags_parser=flags_parser(_DEFAULT_CONFIG))

@@ -9,17 +9,29 @@ import numpy as np
 
 from ddpm_jax import checkpoint, evaluate, train_lib
 from ddpm_jax.loop import draw_samples
+from ddpm_jax.validation import ConfigError, validate_config
 
 
 def restore_run(workdir: str):
-    """(config, unreplicated state) of the latest checkpoint in workdir, or a CheckpointError."""
+    """(config, unreplicated state) of the latest checkpoint in workdir, or a CheckpointError.
+
+    Reads without writing (a read-only manager), so it is safe beside a training that is running.
+    """
     config = checkpoint.load_config(workdir)
+    try:
+        validate_config(config, num_devices=1)  # the batch size does not matter here
+    except (ConfigError, AttributeError, KeyError) as e:  # a hand-edited or foreign config.json
+        raise checkpoint.CheckpointError(f"{os.path.join(workdir, checkpoint.CONFIG_FILE)} is not a usable "
+                                         f"config ({e}); pass the --workdir that train.py wrote to.") from e
+    no_checkpoint = checkpoint.CheckpointError(
+        f"{checkpoint.checkpoint_dir(workdir)} holds no checkpoint: train first "
+        f"(python train.py --workdir={workdir}), or pass the --workdir of a trained run.")
+    if not os.path.isdir(checkpoint.checkpoint_dir(workdir)):
+        raise no_checkpoint
     state = train_lib.create_train_state(config, jax.random.PRNGKey(config.seed))
-    mngr = checkpoint.make_manager(workdir)
-    restored = checkpoint.restore_latest(mngr, state)
+    restored = checkpoint.restore_latest(checkpoint.make_manager(workdir, read_only=True), state)
     if restored is None:
-        raise checkpoint.CheckpointError(f"{checkpoint.checkpoint_dir(workdir)} holds no checkpoint: train first "
-                                         f"(python train.py --workdir={workdir}).")
+        raise no_checkpoint
     return config, restored
 
 
@@ -27,7 +39,7 @@ def sample_from_workdir(workdir: str, num: int, seed: int = 0, out: str | None =
                         strip: bool = False) -> list[str]:
     """Writes a PNG grid and an .npz of `num` samples (and a denoising strip); returns the paths."""
     if isinstance(num, bool) or not isinstance(num, int) or num < 1:
-        raise ValueError(f"--num must be a positive integer, got {num!r}.")
+        raise ValueError(f"--num must be a whole number >= 1 (how many samples), got {num!r}.")
     config, state = restore_run(workdir)
     sched = train_lib.make_schedule(config)
     *_, p_sample = train_lib.make_pmapped_steps(config, state.apply_fn, sched)

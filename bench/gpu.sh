@@ -1,0 +1,20 @@
+#!/usr/bin/env bash
+# GPU benchmark: cifar10 config at global batch 128 in f32 and bf16, plus sampling throughput.
+# Fits in ~8 minutes on one H100/H200; needs no network (JAX, Flax, Optax, chex present there;
+# ml_collections comes along as bench/wheels/*.whl). Synthetic batches: no tensorflow.
+#   bash bench/gpu.sh            # results in $OUT (if set) or bench/out/: gpu.json, gpu_log.txt
+set -uo pipefail
+cd "$(dirname "$0")/.."
+OUT_DIR=${OUT:-bench/out}
+mkdir -p "$OUT_DIR"
+PY=${PYTHON:-python3}
+if ! "$PY" -c "import ml_collections" 2>/dev/null; then
+  "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/bench_site \
+    bench/wheels/*.whl || exit 1
+  export PYTHONPATH=/tmp/bench_site${PYTHONPATH:+:$PYTHONPATH}
+fi
+nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm,clocks.max.sm,power.limit,temperature.gpu \
+  --format=csv 2>&1 | tee "$OUT_DIR/nvidia-smi.txt"
+export PYTHONUNBUFFERED=1
+# The script skips what no longer fits its own --budget-s; the outer timeout is the hard stop.
+timeout 480 "$PY" bench/gpu_bench.py --out "$OUT_DIR/gpu.json" "$@" 2>&1 | tee "$OUT_DIR/gpu_log.txt"

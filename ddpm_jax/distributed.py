@@ -1,0 +1,132 @@
+"""Many hosts: starting jax.distributed, and host-side views of pmapped values.
+
+One process per host, every process runs the same program (SPMD). After `initialize`, jax.pmap
+spans the devices of all processes, `jax.process_index()` picks this process's data shard, and
+only process 0 writes logs and pictures. Nothing here replaces JAX's own machinery: it reads the
+flags or environment, starts `jax.distributed`, and fetches values to the host without touching
+other processes' devices.
+
+  python train.py --coordinator_address=host0:1234 --num_processes=2 --process_id=0   # on host 0
+  python train.py --coordinator_address=host0:1234 --num_processes=2 --process_id=1   # on host 1
+
+or set JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES and JAX_PROCESS_ID, or pass --distributed on a
+cluster JAX detects by itself (SLURM, Open MPI, Kubernetes, Cloud TPU).
+"""
+
+from __future__ import annotations
+
+import os
+
+import jax
+import numpy as np
+
+ENV_ADDRESS, ENV_NUM_PROCESSES, ENV_PROCESS_ID = "JAX_COORDINATOR_ADDRESS", "JAX_NUM_PROCESSES", "JAX_PROCESS_ID"
+
+
+class DistributedError(ValueError):
+    """Bad or inconsistent multi-process settings; the message says which and how to fix them."""
+
+
+def _env_int(name: str) -> int | None:
+    value = os.environ.get(name)
+    if value in (None, ""):
+        return None
+    try:
+        return int(value)
+    except ValueError:
+        raise DistributedError(f"environment variable {name}={value!r} is not an integer.") from None
+
+
+def _check(address: str | None, num_processes: int | None, process_id: int | None) -> None:
+    missing = [flag for flag, v in (("--coordinator_address", address), ("--num_processes", num_processes),
+                                    ("--process_id", process_id)) if v is None]
+    if missing:
+        raise DistributedError(
+            f"a multi-process run needs --coordinator_address, --num_processes and --process_id (or "
+            f"{ENV_ADDRESS}, {ENV_NUM_PROCESSES}, {ENV_PROCESS_ID}); {', '.join(missing)} not given. Pass all "
+            "three, or --distributed on a cluster JAX detects by itself.")
+    host, _, port = address.rpartition(":")
+    if not host or not port.isdigit():
+        raise DistributedError(f"--coordinator_address={address!r} must be host:port (e.g. 10.0.0.1:1234), the "
+                               "address of process 0, the same on every process.")
+    if num_processes < 1:
+        raise DistributedError(f"--num_processes={num_processes} must be >= 1.")
+    if not 0 <= process_id < num_processes:
+        raise DistributedError(f"--process_id={process_id} must be in [0, {num_processes}): one distinct id per "
+                               "process, 0 on the coordinator's host.")
+
+
+def initialize(coordinator_address: str | None = None, num_processes: int | None = None,
+               process_id: int | None = None, *, auto: bool = False, timeout_s: int = 300) -> bool:
+    """Starts jax.distributed when the arguments or the environment ask for it.
+
+    Must run before anything touches a JAX device. On CPU, cross-process collectives go through
+    gloo (`jax_cpu_collectives_implementation`), which has to be chosen before initialising.
+
+    Args:
+      coordinator_address: host:port of process 0; default $JAX_COORDINATOR_ADDRESS.
+      num_processes: default $JAX_NUM_PROCESSES.
+      process_id: this process's index; default $JAX_PROCESS_ID.
+      auto: let JAX detect the cluster (SLURM, Open MPI, ...) for the values not given.
+      timeout_s: how long to wait for the other processes to join.
+
+    Returns:
+      True if jax.distributed was initialised (a multi-process run), False for a single process.
+
+    Raises:
+      DistributedError: missing or inconsistent settings, or the processes could not connect.
+    """
+    address = coordinator_address or os.environ.get(ENV_ADDRESS) or None
+    num = num_processes if num_processes is not None else _env_int(ENV_NUM_PROCESSES)
+    pid = process_id if process_id is not None else _env_int(ENV_PROCESS_ID)
+    if not auto:
+        if address is None and num is None and pid is None:
+            return False
+        _check(address, num, pid)
+        if num == 1:
+            return False
+    if jax.config.jax_cpu_collectives_implementation is None:
+        jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    try:
+        jax.distributed.initialize(address, num, pid, initialization_timeout=timeout_s)
+    except Exception as e:  # noqa: BLE001 - connection, cluster-detection and runtime errors alike
+        raise DistributedError(
+            f"could not start jax.distributed (coordinator {address}, process {pid} of {num}): "
+            f"{type(e).__name__}: {e}. Start every process with the same --coordinator_address and "
+            "--num_processes and a distinct --process_id, and check that process 0's host:port is "
+            "reachable from all of them.") from e
+    return True
+
+
+def is_main_process() -> bool:
+    return jax.process_index() == 0
+
+
+def _local_stack(x) -> np.ndarray:
+    if isinstance(x, jax.Array):
+        shards = sorted(x.addressable_shards, key=lambda s: s.index[0].start or 0)
+        return np.concatenate([np.asarray(s.data).reshape((-1,) + x.shape[1:]) for s in shards])
+    return np.asarray(x)
+
+
+def local_values(tree):
+    """Host copy of a pmapped output's entries for this process's devices: [local devices, ...]."""
+    return jax.tree_util.tree_map(_local_stack, tree)
+
+
+def any_process(flag: bool) -> bool:
+    """True if `flag` is True on any process (a collective: every process must call it)."""
+    if jax.process_count() == 1:
+        return bool(flag)
+    from jax.experimental import multihost_utils
+
+    return bool(np.any(multihost_utils.process_allgather(np.int32(bool(flag)))))
+
+
+def max_over_processes(value: int) -> int:
+    """The largest `value` over all processes (a collective: every process must call it)."""
+    if jax.process_count() == 1:
+        return int(value)
+    from jax.experimental import multihost_utils
+
+    return int(np.max(multihost_utils.process_allgather(np.int64(value))))
