@@ -9,6 +9,7 @@ import glob
 import os
 import shutil
 import subprocess
+import sys
 
 import jax
 import pytest
@@ -174,7 +175,12 @@ def test_bad_multi_process_settings(kwargs, expected):
 
 
 def test_command_lines(trained, data_dir, tmp_path, tmp_path_factory):
-    """Real train.py / sample.py invocations: `error: ...`, a non-zero exit and no traceback."""
+    """Real train.py / sample.py invocations: `error: ...`, a non-zero exit and no traceback.
+
+    Only cases that fail before TensorFlow is imported (~10 s a process here); the others go
+    through the same `error: ...` printing and are checked in-process above (test_train runs
+    sample.py on an empty workdir).
+    """
     env = fu.env(str(tmp_path_factory.getbasetemp()), data_dir, devices=1)
     workdir = str(tmp_path / "w")
     train = ["train.py", "--config=configs/default.py:runlocal", f"--workdir={workdir}"]
@@ -186,14 +192,12 @@ def test_command_lines(trained, data_dir, tmp_path, tmp_path_factory):
          ["--config.training.batch_size=abc", "holds a value of type int (default 8)"]),
         (train + ["--config.optim.lr=fast"], ["--config.optim.lr=fast", "holds a value of type float"]),
         (["train.py", "--config=configs/nope.py"], ["--config=configs/nope.py: no such file", "configs/"]),
-        (train + ["--config.diffusion.num_timesteps=0"], ["config.diffusion.num_timesteps: must be an integer >= 1"]),
         (train + ["--coordinator_address=localhost:1", "--num_processes=2", "--process_id=3"],
          ["--process_id=3 must be in [0, 2)"]),
         (["sample.py", "--num=-1", f"--workdir={trained[0]}"], ["--num=-1: -1 is not a positive integer", "How many"]),
         (["sample.py", "--num=abc", f"--workdir={trained[0]}"], ["--num=abc", "How many samples"]),
-        (["sample.py", f"--workdir={tmp_path / 'nothing'}"], ["no training run in", "config.json is missing"]),
     ]
-    procs = [subprocess.Popen(["python"] + args, cwd=fu.ROOT, env=env, stdout=subprocess.PIPE,
+    procs = [subprocess.Popen([sys.executable] + args, cwd=fu.ROOT, env=env, stdout=subprocess.PIPE,
                               stderr=subprocess.PIPE, text=True) for args, _ in cases]
     for (args, expected), proc in zip(cases, procs):
         out, err = proc.communicate(timeout=300)
