@@ -64,18 +64,23 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.sampling.clip_denoised = True
 
     if arg == "runlocal":
-        config.model.ch = 8
-        config.model.ch_mult = (1, 2)
-        config.model.num_res_blocks = 1
-        config.model.num_groups = 4
-        config.diffusion.num_timesteps = 20
-        config.training.batch_size = 8
-        config.training.num_train_steps = 4
-        config.training.log_every = 2
-        config.training.eval_every = 4
-        config.training.num_eval_batches = 1
-        config.training.sample_every = 4
-        config.training.checkpoint_every = 2
-        config.optim.warmup_steps = 2
-        config.sampling.num_samples = 8
+        shrink_for_runlocal(config)
     return config
+
+
+def shrink_for_runlocal(config: ml_collections.ConfigDict) -> None:
+    """A tiny model and loop (tests, smoke runs); keeps the data shapes."""
+    config.model.ch = 8
+    config.model.ch_mult = (1, 2)
+    config.model.num_res_blocks = 1
+    config.model.num_groups = 4
+    config.diffusion.num_timesteps = 20
+    config.training.batch_size = 8
+    config.training.num_train_steps = 4
+    config.training.log_every = 2
+    config.training.eval_every = 4
+    config.training.num_eval_batches = 1
+    config.training.sample_every = 4
+    config.training.checkpoint_every = 2
+    config.optim.warmup_steps = 2
+    config.sampling.num_samples = 8
