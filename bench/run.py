@@ -266,7 +266,7 @@ def table(R: dict) -> str:
                  f"{fmt(compile_s, '.1f')}{' (1st step)' if torch_row else ''} | {tr['step_median_s']:.3f} | "
                  f"{tr['images_per_s']:.1f} | {fmt(None if fl is None else fl / 1e9, '.3f')} | {fmt(ach, '.1f')} | "
                  f"{fmt(None if ach is None or not peak else 100 * ach / peak, '.0f')} | {fmt(mem, '.0f')} | "
-                 f"{fmt(p.get('maxrss_mb') or tr.get('maxrss_mb'), '.0f')} |")
+                 f"{'(same process)' if torch_row else fmt(p.get('maxrss_mb') or tr.get('maxrss_mb'), '.0f')} |")
 
     row("default (digits 8x8)", "ddpm_jax", "default")
     row("default (digits 8x8)", "ddpm_jax", "scaling2", flops_from="default")
