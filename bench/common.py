@@ -91,14 +91,6 @@ def env_info() -> dict:
     return info
 
 
-def perturb(params, scale: float = 0.02, seed: int = 1):
-    """Params + small noise: the UNet's zero-initialised layers would otherwise feed zeros around."""
-    leaves, tree = jax.tree_util.tree_flatten(params)
-    keys = jax.random.split(jax.random.PRNGKey(seed), len(leaves))
-    return jax.tree_util.tree_unflatten(
-        tree, [p + scale * jax.random.normal(k, p.shape, p.dtype) for p, k in zip(leaves, keys)])
-
-
 def timed_calls(fn, n: int, *, carry=None, between=None):
     """Runs fn n times (carry threads the first output back in), blocking each; returns seconds.
 
