@@ -43,7 +43,8 @@ def make_manager(workdir: str, max_to_keep: int = 3, *, read_only: bool = False)
     options = ocp.CheckpointManagerOptions(max_to_keep=None if read_only else max_to_keep, create=not read_only,
                                            cleanup_tmp_directories=not read_only, read_only=read_only)
     # The handler registered up front lets `item_metadata` read the stored shapes before a restore.
-    return ocp.CheckpointManager(checkpoint_dir(workdir), options=options, item_handlers=ocp.StandardCheckpointHandler())
+    return ocp.CheckpointManager(checkpoint_dir(workdir), options=options,
+                                 item_handlers=ocp.StandardCheckpointHandler())
 
 
 def save(mngr: ocp.CheckpointManager, state, *, force: bool = False) -> bool:

@@ -51,10 +51,12 @@ def _check_model(config: ml_collections.ConfigDict) -> None:
     m = config.model
     for field in ("ch", "num_res_blocks", "num_groups"):
         _positive_int(m, field, "model")
-    _require(isinstance(m.ch_mult, (tuple, list)) and len(m.ch_mult) >= 1 and all(_is_int(c) and c >= 1 for c in m.ch_mult),
-             "model.ch_mult", f"must be a non-empty tuple of positive integers, e.g. (1, 2), got {m.ch_mult!r}.")
+    ch_mult_ok = isinstance(m.ch_mult, (tuple, list)) and len(m.ch_mult) >= 1
+    _require(ch_mult_ok and all(_is_int(c) and c >= 1 for c in m.ch_mult), "model.ch_mult",
+             f"must be a non-empty tuple of positive integers, e.g. (1, 2), got {m.ch_mult!r}.")
     _require(isinstance(m.attn_resolutions, (tuple, list)) and all(_is_int(r) for r in m.attn_resolutions),
-             "model.attn_resolutions", f"must be a tuple of integers (resolutions, e.g. (16,)), got {m.attn_resolutions!r}.")
+             "model.attn_resolutions",
+             f"must be a tuple of integers (resolutions, e.g. (16,)), got {m.attn_resolutions!r}.")
     _require(_is_number(m.dropout) and 0.0 <= m.dropout < 1.0, "model.dropout",
              f"must be in [0, 1), got {m.dropout!r} (the paper uses 0.1 on CIFAR-10).")
     from ddpm_jax.models.unet import create_model  # its own checks: down-sampling, attention, groups, dtype
@@ -71,7 +73,8 @@ def _check_training(tr: ml_collections.ConfigDict, num_devices: int | None) -> N
     devices = jax.device_count() if num_devices is None else num_devices
     _require(tr.batch_size % devices == 0, "training.batch_size",
              f"{tr.batch_size} is not divisible by the {devices} devices; use a multiple of {devices} "
-             f"(e.g. {max(devices, tr.batch_size // devices * devices)}).")
+             f"(e.g. {max(devices, tr.batch_size // devices * devices)} or "
+             f"{max(devices, tr.batch_size // devices * devices) + devices}).")
     _positive_int(tr, "num_train_steps", "training")
     _require(_is_number(tr.ema_decay) and 0.0 <= tr.ema_decay < 1.0, "training.ema_decay",
              f"must be in [0, 1), got {tr.ema_decay!r} (e.g. 0.9999; 0 means no averaging).")
@@ -112,7 +115,8 @@ def validate_config(config: ml_collections.ConfigDict, num_devices: int | None =
     _require(diff.schedule in schedules.SCHEDULE_NAMES, "diffusion.schedule",
              f"unknown {diff.schedule!r}; valid: {', '.join(schedules.SCHEDULE_NAMES)}.")
     _require(_is_int(diff.num_timesteps) and diff.num_timesteps >= 1, "diffusion.num_timesteps",
-             f"must be an integer >= 1 (the number of diffusion steps T; the paper uses 1000), got {diff.num_timesteps!r}.")
+             f"must be an integer >= 1 (the number of diffusion steps T; the paper uses 1000), "
+             f"got {diff.num_timesteps!r}.")
     for field, valid in (("parameterization", diffusion.PARAMETERIZATIONS), ("variance", diffusion.VARIANCES),
                          ("loss_type", diffusion.LOSS_TYPES), ("timestep_sampler", timesteps.TIMESTEP_SAMPLERS)):
         _require(diff[field] in valid, f"diffusion.{field}", f"unknown {diff[field]!r}; valid: {', '.join(valid)}.")
@@ -196,7 +200,8 @@ def _explain_flag_error(message: str, config: ml_collections.ConfigDict | None) 
                 "pass one of that type.")
     m = re.search(r"of field config\.([\w.]+) is not supported for overriding", message)
     if m:
-        tfds_hint = " (for data_dir, the TFDS_DATA_DIR environment variable works too)" if m.group(1) == "data.data_dir" else ""
+        tfds_hint = (" (for data_dir, the TFDS_DATA_DIR environment variable works too)"
+                     if m.group(1) == "data.data_dir" else "")
         return (f"--config.{m.group(1)} cannot be set from the command line: its default is None, whose type "
                 "ml_collections cannot override. Give it a typed default in the config file, e.g. "
                 f"ml_collections.config_dict.placeholder(str){tfds_hint}.")
