@@ -31,6 +31,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.diffusion.loss_type = "simple"
 
     config.training.batch_size = 128
+    config.training.bpd_batch_size = 0  # the training batch
     config.training.num_train_steps = 800_000
     config.training.ema_decay = 0.9999
     config.training.log_every = 100

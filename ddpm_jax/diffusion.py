@@ -391,3 +391,41 @@ def calc_bpd_loop(sched: Schedule, model_fn: ModelFn, x0, rng: chex.PRNGKey, *, 
     vb, xstart_mse, mse = (jnp.flip(a, 0).T for a in (vb, xstart_mse, mse))
     prior = prior_bpd(sched, x0)
     return dict(total_bpd=prior + jnp.sum(vb, axis=1), prior_bpd=prior, vb=vb, xstart_mse=xstart_mse, mse=mse)
+
+
+def bpd_estimate(sched: Schedule, model_fn: ModelFn, x0, rng: chex.PRNGKey, *, num_strata: int = 20,
+                 parameterization: str = "eps", variance: str = "fixed_small") -> dict:
+    """An unbiased, stratified estimate of the whole bound per example in bits/dim, at num_strata + 1
+    network calls instead of calc_bpd_loop's T (VDM likewise reports a Monte Carlo estimate over t).
+
+    The decoder term L_0 and the prior are exact; t = 1..T-1 is cut into `num_strata` contiguous
+    strata, and each contributes (its size) x L_{t-1} at one t drawn uniformly inside it (per
+    example). With num_strata >= T - 1 every stratum is one step and this is the full sum.
+
+    Returns:
+      dict of [B] arrays: total_bpd = prior_bpd + decoder_bpd + diffusion_bpd (the last estimated).
+    """
+    check_choice("parameterization", parameterization, PARAMETERIZATIONS)
+    check_choice("variance", variance, VARIANCES)
+    batch, T = x0.shape[0], sched.num_timesteps
+
+    def term(t, key):
+        xt = q_sample(sched, x0, t, jax.random.normal(key, x0.shape, x0.dtype))
+        out = p_mean_variance(sched, model_fn(xt, t), xt, t, parameterization, variance)
+        return vb_terms_bpd(sched, x0, xt, t, out["mean"], out["log_variance"])
+
+    prior = prior_bpd(sched, x0)
+    decoder = term(jnp.zeros((batch,), jnp.int32), jax.random.fold_in(rng, 0))
+    diffusion = jnp.zeros_like(decoder)
+    if T > 1:
+        edges = np.unique(np.linspace(1, T, min(num_strata, T - 1) + 1).round().astype(np.int32))
+        starts, sizes = jnp.asarray(edges[:-1]), jnp.asarray(np.diff(edges))
+
+        def stratum(acc, k):
+            key = jax.random.fold_in(rng, k + 1)
+            offset = jnp.floor(jax.random.uniform(jax.random.fold_in(key, 1), (batch,)) * sizes[k]).astype(jnp.int32)
+            t = starts[k] + jnp.minimum(offset, sizes[k] - 1)
+            return acc + sizes[k] * term(t, jax.random.fold_in(key, 0)), None
+
+        diffusion, _ = jax.lax.scan(stratum, diffusion, jnp.arange(len(edges) - 1))
+    return dict(total_bpd=prior + decoder + diffusion, prior_bpd=prior, decoder_bpd=decoder, diffusion_bpd=diffusion)

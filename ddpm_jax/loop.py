@@ -22,7 +22,7 @@ import ml_collections
 import numpy as np
 from tqdm.auto import tqdm
 
-from ddpm_jax import checkpoint, data, distributed, evaluate, train_lib
+from ddpm_jax import checkpoint, data, distributed, plots, train_lib
 from ddpm_jax.validation import UserError, validate_config
 
 # Processes agree on a pre-emption at log steps and every this many steps (a small collective),
@@ -176,13 +176,19 @@ def _check_image_shape(images: np.ndarray, config) -> None:
                         f"config.data.channels={images.shape[3]}.")
 
 
-def _load(config, split: str) -> np.ndarray:
+def load_split(config, split: str) -> np.ndarray:
     try:
         images = data.load_images(config.data.dataset, split, config.data.data_dir)
     except RuntimeError as e:  # not prepared and cannot be downloaded here
         raise DataError(str(e)) from e
     _check_image_shape(images, config)
     return images
+
+
+def _num_eval_batches(test_images: np.ndarray, global_batch: int) -> int:
+    """Batches that cover this process's shard; every process must run the same number of eval
+    steps, though their shards can differ by one image."""
+    return distributed.max_over_processes(-(-len(test_images) // (global_batch // jax.process_count())))
 
 
 def _mean_metrics(metrics) -> dict:
@@ -202,7 +208,7 @@ def _build(config: ml_collections.ConfigDict) -> SimpleNamespace:
     if key in _BUILT:
         _BUILT.move_to_end(key)
         return _BUILT[key]
-    model = train_lib.create_model(config.model, config.data.image_size, train_lib.model_out_channels(config))
+    model = train_lib.create_model(config)
     sched = train_lib.make_schedule(config)
     fns = train_lib.make_pmapped_steps(config, model.apply, sched)
     built = SimpleNamespace(apply_fn=model.apply, tx=train_lib.make_optimizer(config), fns=fns)
@@ -224,27 +230,33 @@ def evaluate_loss(p_eval, params, test_images, config, rng, num_batches: int | N
 
 def evaluate_bpd(p_bpd, params, test_images, config, rng, batch_size: int | None = None,
                  num_batches: int | None = None) -> dict:
-    """Negative ELBO over the whole test split in bits/dim, with its parts and per-t terms."""
+    """Negative ELBO over the whole test split in bits/dim, with its parts (and the per-t terms)."""
     sums = None
-    for batch, mask in data.eval_batches(test_images, batch_size or config.training.batch_size,
-                                         num_batches=num_batches):
+    batches = list(data.eval_batches(test_images, batch_size or config.training.batch_size, num_batches=num_batches))
+    for batch, mask in tqdm(batches, desc="test bits/dim", unit="batch", disable=not distributed.is_main_process()):
         out = train_lib.unreplicate(p_bpd(params, batch, mask, rng))
         sums = out if sums is None else jax.tree_util.tree_map(np.add, sums, out)
     count = sums.pop("count")
-    vb = sums["vb"] / count
-    return {"total_bpd": float(sums["total_bpd"] / count), "prior_bpd": float(sums["prior_bpd"] / count),
-            "decoder_bpd": float(vb[0]), "diffusion_bpd": float(vb[1:].sum()), "vb_per_t": vb.tolist(),
-            "num_examples": int(count)}
+    mean_sq = sums.pop("total_bpd_sq") / count
+    result = {k: float(v / count) for k, v in sums.items() if k != "vb"}
+    # Standard error of the mean over test images (with an estimate, its draws of t are part of the spread).
+    result["total_bpd_se"] = float(np.sqrt(max(mean_sq - result["total_bpd"] ** 2, 0.0) / max(count - 1, 1)))
+    if "vb" in sums:  # all T terms: L_0, the sum of L_{t-1}, and every term
+        vb = sums["vb"] / count
+        result.update(decoder_bpd=float(vb[0]), diffusion_bpd=float(vb[1:].sum()), vb_per_t=vb.tolist())
+    result["num_examples"] = int(count)
+    return result
 
 
-def draw_samples(p_sample, params, config, rng, num: int, num_frames: int = 0) -> dict:
+def draw_samples(p_sample, params, config, rng, num: int, num_frames: int = 0, sampler: str = "ancestral",
+                 num_steps: int | None = None, eta: float = 0.0) -> dict:
     """`num` samples from this process's devices (rounded up to their count), on the host."""
     devices = jax.local_device_count()
     per_device = -(-num // devices)
-    out = distributed.local_values(p_sample(params, rng, per_device, num_frames))
+    out = distributed.local_values(p_sample(params, rng, per_device, num_frames, sampler, num_steps, float(eta)))
     merge = lambda x: x.reshape((-1,) + x.shape[2:])[:num]  # [D, b, ...] -> [D*b, ...]
     result = {"samples": merge(out["samples"])}
-    if num_frames:  # frames are [D, F, b, ...] -> [F, D*b, ...]
+    if num_frames and "frames" in out:  # frames are [D, F, b, ...] -> [F, D*b, ...]
         for k in ("frames", "pred_x0"):
             v = np.moveaxis(out[k], 0, 1)
             result[k] = v.reshape(v.shape[:1] + (-1,) + v.shape[3:])[:, :num]
@@ -307,10 +319,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, stop_at_
         initial_step = int(state.step)
         if initial_step:
             _say(f"Resuming from the checkpoint at step {initial_step} in {checkpoint.checkpoint_dir(workdir)}.")
-        train_images, test_images = _load(config, config.data.train_split), _load(config, config.data.eval_split)
-        local_batch = config.training.batch_size // jax.process_count()
-        # Every process must run the same number of eval steps, though their shards can differ by one.
-        num_eval_batches = distributed.max_over_processes(-(-len(test_images) // local_batch))
+        train_images, test_images = load_split(config, config.data.train_split), load_split(config, config.data.eval_split)
+        num_eval_batches = _num_eval_batches(test_images, config.training.batch_size)
         batches = data.train_batches(train_images, config.training.batch_size, config.seed,
                                      start_step=initial_step, random_flip=config.data.random_flip)
         rstate = train_lib.replicate(state)
@@ -354,7 +364,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, stop_at_
                 grid = draw_samples(p_sample, rstate.ema_params, config, jax.random.fold_in(eval_rng, step),
                                     config.sampling.num_samples)
                 if is_main:
-                    evaluate.save_grid(grid["samples"], os.path.join(workdir, "samples", f"step_{step:07d}.png"))
+                    plots.save_grid(grid["samples"], os.path.join(workdir, "samples", f"step_{step:07d}.png"))
             if step % tr.checkpoint_every == 0 or last:
                 checkpoint.save(mngr, train_lib.unreplicate(rstate))
             if stop_at_step is not None and step >= stop_at_step and not last:
@@ -377,12 +387,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, stop_at_
     finally:
         stop.restore()
         mngr.wait_until_finished()
-    return _finish(config, workdir, rstate, p_sample, p_bpd, test_images, eval_rng, writer, start_time,
-                   num_eval_batches)
+    return _finish(config, workdir, rstate, p_sample, p_bpd, test_images, eval_rng, writer, start_time)
 
 
-def _finish(config, workdir, rstate, p_sample, p_bpd, test_images, eval_rng, writer, start_time,
-            num_eval_batches=None) -> dict:
+def _finish(config, workdir, rstate, p_sample, p_bpd, test_images, eval_rng, writer, start_time) -> dict:
     """Final sample grid, denoising strip, curves and the test bits/dim (EMA params).
 
     Every process computes (the bound is a collective); process 0 writes the files.
@@ -393,18 +401,27 @@ def _finish(config, workdir, rstate, p_sample, p_bpd, test_images, eval_rng, wri
     out = draw_samples(p_sample, rstate.ema_params, config, jax.random.fold_in(eval_rng, -1 % 2**31),
                        config.sampling.num_samples, num_frames=10)
     if is_main:
-        results["samples_png"] = evaluate.save_grid(out["samples"], os.path.join(workdir, "samples.png"))
-        results["strip_png"] = evaluate.save_strip(out["frames"][:, :8], os.path.join(workdir, "denoising_strip.png"))
+        results["samples_png"] = plots.save_grid(out["samples"], os.path.join(workdir, "samples.png"))
+        if "frames" in out:  # the VAE has no chain to show
+            results["strip_png"] = plots.save_strip(out["frames"][:, :8],
+                                                       os.path.join(workdir, "denoising_strip.png"))
         np.savez(os.path.join(workdir, "samples.npz"), samples=out["samples"])
-        records = evaluate.read_jsonl(writer.path)
-        evaluate.plot_curves(records, ["loss", "test_loss"], os.path.join(workdir, "loss.png"), "training loss")
+        records = plots.read_jsonl(writer.path)
+        plots.plot_curves(records, ["loss", "test_loss"], os.path.join(workdir, "loss.png"), "training loss")
     if config.training.final_bpd:
-        bpd = evaluate_bpd(p_bpd, rstate.ema_params, test_images, config, eval_rng, num_batches=num_eval_batches)
-        if is_main:
-            evaluate.plot_vb_terms(bpd["vb_per_t"], os.path.join(workdir, "bpd_terms.png"),
+        # The bound costs T network calls per image: one large batch wastes the least on padding.
+        bpd_batch = config.training.get("bpd_batch_size", None) or config.training.batch_size
+        bpd = evaluate_bpd(p_bpd, rstate.ema_params, test_images, config, eval_rng, batch_size=bpd_batch,
+                           num_batches=_num_eval_batches(test_images, bpd_batch))
+        if is_main and "vb_per_t" in bpd:
+            plots.plot_vb_terms(bpd["vb_per_t"], os.path.join(workdir, "bpd_terms.png"),
                                    f"test bound: {bpd['total_bpd']:.3f} bits/dim")
         writer.write(results["step"], {f"test_{k}": v for k, v in bpd.items() if k != "vb_per_t"})
         results.update({k: v for k, v in bpd.items() if k != "vb_per_t"})
+        strata = config.training.get("final_bpd_strata", 0)
+        results["bpd_method"] = (f"unbiased stratified estimate over t ({strata} strata; all T terms: "
+                                 "python -m ddpm_jax.evaluate)" if strata and not train_lib.is_vae(config)
+                                 else "exact" if train_lib.is_vae(config) else "all T terms")
     results["wall_time_s"] = time.time() - start_time
     if is_main:
         with open(os.path.join(workdir, "results.json"), "w") as f:

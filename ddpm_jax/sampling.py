@@ -10,7 +10,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ddpm_jax import diffusion
+from ddpm_jax import diffusion, schedules
 from ddpm_jax.schedules import Schedule, make_schedule, respaced_betas
 
 
@@ -70,7 +70,7 @@ def ddim_sample_loop(sched: Schedule, model_fn: diffusion.ModelFn, shape, rng: c
     eta = 0 is deterministic; eta = 1 with num_steps = T is ancestral sampling with the
     posterior variance.
     """
-    use = np.unique(np.linspace(0, sched.num_timesteps - 1, num_steps).round().astype(np.int32))
+    use = kept_timesteps(sched.num_timesteps, num_steps)
     abar_all = sched.alphas_cumprod
     ts = jnp.asarray(use[::-1])
     prev = jnp.asarray(np.append(-1, use[:-1])[::-1])
@@ -94,9 +94,38 @@ def ddim_sample_loop(sched: Schedule, model_fn: diffusion.ModelFn, shape, rng: c
     return {"samples": jnp.clip(x, -1.0, 1.0)}
 
 
+def kept_timesteps(num_timesteps: int, num_steps: int) -> np.ndarray:
+    """`num_steps` evenly spaced timesteps of 0..T-1, always keeping 0 and T-1."""
+    if isinstance(num_steps, bool) or not isinstance(num_steps, (int, np.integer)) or not 1 <= num_steps <= num_timesteps:
+        raise ValueError(f"the number of sampling steps must be a whole number in [1, T={num_timesteps}], "
+                         f"got {num_steps!r}.")
+    return np.unique(np.linspace(0, num_timesteps - 1, num_steps).round().astype(np.int32))
+
+
+def respaced_sample_loop(sched: Schedule, model_fn: diffusion.ModelFn, shape, rng: chex.PRNGKey, *,
+                         num_steps: int, parameterization: str = "eps", variance: str = "fixed_small",
+                         clip_denoised: bool = True, num_frames: int = 0) -> dict:
+    """Ancestral sampling over K = num_steps of the T steps (Nichol & Dhariwal sec. 4).
+
+    The short chain keeps the marginals q(x_t | x_0) = N(a_t x_0, s_t^2) at the kept steps, so its
+    betas and posterior are recomputed from them (VP: beta_k = 1 - abar_k / abar_{k-1}; VE alike);
+    the network still sees the original t. Works on a traced (learned) schedule too.
+    """
+    use = kept_timesteps(sched.num_timesteps, num_steps)
+    idx = jnp.asarray(use)
+    short = Schedule(**schedules.schedule_tables(sched.sqrt_alphas_cumprod[idx],
+                                                 sched.sqrt_one_minus_alphas_cumprod[idx], xp=jnp))
+    # A learned variance interpolates between the step's beta and posterior variance: use the short chain's.
+    out = sample_loop(short, lambda x, k: model_fn(x, idx[k]), shape, rng, parameterization=parameterization,
+                      variance=variance, clip_denoised=clip_denoised, num_frames=num_frames)
+    if num_frames:
+        out["frame_t"] = idx[out["frame_t"]]
+    return out
+
+
 def respaced_schedule(sched: Schedule, num_steps: int) -> tuple[Schedule, np.ndarray]:
     """A K-step VP schedule whose alphas_cumprod equal the original's at K evenly spaced steps
     (Nichol & Dhariwal sec. 4). Returns it and the kept original timesteps, to map the model's t."""
-    use = np.unique(np.linspace(0, sched.num_timesteps - 1, num_steps).round().astype(np.int64))
+    use = kept_timesteps(sched.num_timesteps, num_steps).astype(np.int64)
     abar = np.cumprod(1.0 - np.asarray(sched.betas, np.float64))
     return make_schedule(respaced_betas(abar, use)), use

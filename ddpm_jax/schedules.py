@@ -21,6 +21,7 @@ import math
 from typing import Callable, Sequence, Union
 
 import flax.struct
+import jax
 import jax.numpy as jnp
 import numpy as np
 
@@ -143,26 +144,29 @@ class Schedule:
         return self.sqrt_one_minus_alphas_cumprod
 
 
-def schedule_tables(signal_scale, noise_std, betas=None) -> dict[str, np.ndarray]:
-    """All derived tables, float64, from the marginals a_t (signal_scale) and s_t (noise_std).
+def schedule_tables(signal_scale, noise_std, betas=None, xp=np) -> dict:
+    """All derived tables from the marginals a_t (signal_scale) and s_t (noise_std).
 
     `betas` may be given to keep a VP table exact instead of re-deriving it from (a, s).
+    With xp=np (fixed schedules) everything is float64 and checked; with xp=jax.numpy the same
+    formulas are traced, so a learned schedule gets gradients through every table.
     """
-    a = np.asarray(signal_scale, np.float64)
-    s = np.asarray(noise_std, np.float64)
-    a_prev = np.append(1.0, a[:-1])
-    s2_prev = np.append(0.0, s[:-1] ** 2)
+    dtype = np.float64 if xp is np else jnp.float32
+    a = xp.asarray(signal_scale, dtype)
+    s = xp.asarray(noise_std, dtype)
+    a_prev = xp.concatenate([xp.ones(1, dtype), a[:-1]])
+    s2_prev = xp.concatenate([xp.zeros(1, dtype), s[:-1] ** 2])
     alphas = (a / a_prev) ** 2
     if betas is None:  # the step variance; above 1 is fine for VE
         betas = s**2 - alphas * s2_prev
-    betas = np.asarray(betas, np.float64)
-    if np.any(betas <= 0) or np.any(s <= 0) or np.any(a <= 0):
+    betas = xp.asarray(betas, dtype)
+    if xp is np and (np.any(betas <= 0) or np.any(s <= 0) or np.any(a <= 0)):
         raise ValueError("the noise std must increase strictly with t and the signal scale stay positive.")
     s2 = s**2
     # Posterior q(x_{t-1} | x_t, x_0) = N(coef1 x_0 + coef2 x_t, beta_t s_{t-1}^2 / s_t^2) (Ho et al. eq. 7).
     posterior_variance = betas * s2_prev / s2
     # At t = 0 the posterior variance is 0: clip the log to the next step's (improved-diffusion).
-    clipped = np.append(posterior_variance[1], posterior_variance[1:]) if a.size > 1 else betas
+    clipped = xp.concatenate([posterior_variance[1:2], posterior_variance[1:]]) if a.size > 1 else betas
     return dict(
         betas=betas,
         alphas=alphas,
@@ -171,11 +175,26 @@ def schedule_tables(signal_scale, noise_std, betas=None) -> dict[str, np.ndarray
         sqrt_alphas_cumprod=a,
         sqrt_one_minus_alphas_cumprod=s,
         posterior_variance=posterior_variance,
-        posterior_log_variance_clipped=np.log(clipped),
+        posterior_log_variance_clipped=xp.log(clipped),
         posterior_mean_coef1=a_prev * betas / s2,
-        posterior_mean_coef2=np.sqrt(alphas) * s2_prev / s2,
-        prior_variance=np.asarray(a[-1] ** 2 + s[-1] ** 2),
+        posterior_mean_coef2=xp.sqrt(alphas) * s2_prev / s2,
+        prior_variance=xp.asarray(a[-1] ** 2 + s[-1] ** 2),
     )
+
+
+def vp_schedule_from_log_snr(log_snr: jnp.ndarray) -> Schedule:
+    """A VP `Schedule` from log SNR_t = log(abar_t / (1 - abar_t)), t = 0..T-1, strictly decreasing.
+
+    Traceable and differentiable (a learned schedule, VDM). a_t^2 = sigmoid(log SNR_t) and
+    s_t^2 = sigmoid(-log SNR_t) avoid 1 - abar_t cancelling near t = 0, and
+    beta_t = 1 - abar_t / abar_{t-1} = -expm1(log abar_t - log abar_{t-1}) stays accurate where it is tiny.
+    """
+    log_abar = jax.nn.log_sigmoid(log_snr)
+    log_abar_prev = jnp.concatenate([jnp.zeros(1, log_abar.dtype), log_abar[:-1]])
+    betas = -jnp.expm1(log_abar - log_abar_prev)
+    signal = jnp.exp(0.5 * log_abar)
+    noise = jnp.exp(0.5 * jax.nn.log_sigmoid(-log_snr))
+    return Schedule(**schedule_tables(signal, noise, betas=betas, xp=jnp))
 
 
 def _to_schedule(tables: dict[str, np.ndarray]) -> Schedule:

@@ -19,6 +19,9 @@ import ml_collections
 from absl import flags
 
 from ddpm_jax import diffusion, schedules, timesteps
+from ddpm_jax.models.learned_schedule import LEARNED
+
+METHODS = ("ddpm", "vae")  # config.method: the diffusion model, or the VAE baseline (configs/vae.py)
 
 
 class UserError(Exception):
@@ -68,6 +71,15 @@ def _check_model(config: ml_collections.ConfigDict) -> None:
         raise ConfigError(str(e)) from None
 
 
+def _check_vae(config: ml_collections.ConfigDict) -> None:
+    _require("vae" in config, "vae", "missing section for method='vae'; start from configs/vae.py.")
+    for field in ("latent_dim", "hidden", "num_hidden_layers"):
+        _positive_int(config.vae, field, "vae")
+    from ddpm_jax.models.unet import DTYPES
+
+    _require(config.vae.dtype in DTYPES, "vae.dtype", f"must be one of {sorted(DTYPES)}, got {config.vae.dtype!r}.")
+
+
 def _check_training(tr: ml_collections.ConfigDict, num_devices: int | None) -> None:
     _positive_int(tr, "batch_size", "training")
     devices = jax.device_count() if num_devices is None else num_devices
@@ -75,6 +87,12 @@ def _check_training(tr: ml_collections.ConfigDict, num_devices: int | None) -> N
              f"{tr.batch_size} is not divisible by the {devices} devices; use a multiple of {devices} "
              f"(e.g. {max(devices, tr.batch_size // devices * devices)} or "
              f"{max(devices, tr.batch_size // devices * devices) + devices}).")
+    bpd_batch = tr.get("bpd_batch_size", 0)
+    _require(_is_int(bpd_batch) and bpd_batch >= 0 and bpd_batch % devices == 0, "training.bpd_batch_size",
+             f"must be 0 (use batch_size) or a positive multiple of the {devices} devices, got {bpd_batch!r}.")
+    strata = tr.get("final_bpd_strata", 0)
+    _require(_is_int(strata) and strata >= 0, "training.final_bpd_strata",
+             f"must be 0 (all T terms) or a positive number of strata, got {strata!r}.")
     _positive_int(tr, "num_train_steps", "training")
     _require(_is_number(tr.ema_decay) and 0.0 <= tr.ema_decay < 1.0, "training.ema_decay",
              f"must be in [0, 1), got {tr.ema_decay!r} (e.g. 0.9999; 0 means no averaging).")
@@ -112,8 +130,14 @@ def validate_config(config: ml_collections.ConfigDict, num_devices: int | None =
     _positive_int(d, "image_size", "data")
     _require(d.channels in (1, 3), "data.channels", f"must be 1 or 3, got {d.channels!r}.")
 
-    _require(diff.schedule in schedules.SCHEDULE_NAMES, "diffusion.schedule",
-             f"unknown {diff.schedule!r}; valid: {', '.join(schedules.SCHEDULE_NAMES)}.")
+    method = config.get("method", "ddpm")
+    _require(method in METHODS, "method", f"unknown {method!r}; valid: {', '.join(METHODS)}.")
+    valid_schedules = schedules.SCHEDULE_NAMES + (LEARNED,)
+    _require(diff.schedule in valid_schedules, "diffusion.schedule",
+             f"unknown {diff.schedule!r}; valid: {', '.join(valid_schedules)}.")
+    _require(diff.schedule != LEARNED or diff.loss_type in ("vlb", "weighted"), "diffusion.loss_type",
+             f"a learned schedule is trained by the bound: use 'vlb' or 'weighted', not {diff.loss_type!r} (the "
+             "unweighted MSE would drive it towards all noise).")
     _require(_is_int(diff.num_timesteps) and diff.num_timesteps >= 1, "diffusion.num_timesteps",
              f"must be an integer >= 1 (the number of diffusion steps T; the paper uses 1000), "
              f"got {diff.num_timesteps!r}.")
@@ -130,7 +154,10 @@ def validate_config(config: ml_collections.ConfigDict, num_devices: int | None =
 
     _check_training(config.training, num_devices)
     _check_optim(config.optim)
-    _check_model(config)
+    if method == "vae":
+        _check_vae(config)
+    else:
+        _check_model(config)
     _positive_int(config.sampling, "num_samples", "sampling")
 
 
@@ -156,7 +183,7 @@ def load_config_file(spec: str) -> ml_collections.ConfigDict:
         raise ConfigError(f"--config={spec}: loading it failed ({type(e).__name__}: {e}).") from e
 
 
-def _lookup(config: ml_collections.ConfigDict, dotted: str):
+def lookup_field(config: ml_collections.ConfigDict, dotted: str):
     """The value at config.<dotted>, or ConfigError naming the first unknown part and close names."""
     node = config
     parts = dotted.split(".")
@@ -184,7 +211,7 @@ def check_config_flags(argv: list[str], default_spec: str) -> ml_collections.Con
     for arg in args:
         m = _OVERRIDE.match(arg)
         if m:
-            _lookup(config, m.group(1))
+            lookup_field(config, m.group(1))
     return config
 
 
@@ -193,7 +220,7 @@ def _explain_flag_error(message: str, config: ml_collections.ConfigDict | None) 
     m = _FLAG_IN_MESSAGE.search(message)
     if m and config is not None:
         try:
-            value = _lookup(config, m.group(1))
+            value = lookup_field(config, m.group(1))
         except ConfigError:
             return message
         return (f"{message}. config.{m.group(1)} holds a value of type {type(value).__name__} (default {value!r}); "

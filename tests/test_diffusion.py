@@ -949,3 +949,53 @@ def test_learned_variance_needs_even_channels():
         with pytest.raises(ValueError):
             D.training_losses(sched, lambda x, tt: jnp.zeros((2, 2, 2, 2)), xt, t, xt, variance=variance,
                               loss_type="simple")
+
+
+# --- bpd_estimate: the stratified estimate of the whole bound ---------------------------------
+def _offset_x0_bound(T, c, x0):
+    """Closed form of the bound for the x0-model x0 + c (fixed_small): every KL is (coef1_t c)^2 / (2 post_var_t)
+    per dim, whatever the noise; L_0 is the decoder NLL of N(x0 + c, exp(plvc_0)); plus the prior."""
+    r = vp64("linear", T)
+    kl = (r["coef1"][1:] * c) ** 2 / (2.0 * r["post_var"][1:]) / LOG2  # bits/dim, same for every dim
+    l0 = -np.mean(_ref_log_probs(x0, x0 + c, 0.5 * r["plvc"][0])) / LOG2
+    a_T = r["a"][-1]
+    prior = np.mean(0.5 * ((a_T * x0) ** 2 + (1 - a_T**2) - 1 - np.log(1 - a_T**2))) / LOG2
+    return prior + l0 + kl.sum(), kl
+
+
+def test_bpd_estimate_equals_full_loop_with_one_step_strata_and_is_unbiased():
+    T, c = 40, 0.05
+    sched = S.make_schedule("linear", T)
+    x0 = np.asarray(BIN_CENTRES[[10, 100, 200, 250]]).reshape(1, 2, 2, 1)
+    model_fn = lambda xt, t: jnp.asarray(x0) + c  # noqa: E731  - an x0-model, off by c everywhere
+    exact, kl = _offset_x0_bound(T, c, x0.ravel())
+    full = D.calc_bpd_loop(sched, model_fn, x0, jax.random.PRNGKey(0), parameterization="x0")["total_bpd"]
+    np.testing.assert_allclose(full, exact, rtol=2e-4)
+    estimate = jax.jit(lambda k, n: D.bpd_estimate(sched, model_fn, x0, k, num_strata=n,
+                                                   parameterization="x0")["total_bpd"], static_argnums=1)
+    np.testing.assert_allclose(estimate(jax.random.PRNGKey(1), T - 1), exact, rtol=2e-4)  # one step per stratum
+    parts = D.bpd_estimate(sched, model_fn, x0, jax.random.PRNGKey(1), num_strata=T - 1, parameterization="x0")
+    np.testing.assert_allclose(parts["diffusion_bpd"], kl.sum(), rtol=2e-4)
+    np.testing.assert_allclose(parts["prior_bpd"] + parts["decoder_bpd"], exact - kl.sum(), rtol=2e-4)
+    # 5 strata of ~8 steps: each draw is off, the mean over draws is not (stratified sampling is unbiased).
+    draws = np.array([estimate(jax.random.PRNGKey(k), 5)[0] for k in range(300)])
+    assert draws.std() > 1e-3 * exact  # really random
+    edges = np.unique(np.linspace(1, T, 6).round().astype(int))
+    var = sum((e1 - e0) ** 2 * np.var(kl[e0 - 1:e1 - 1]) for e0, e1 in zip(edges[:-1], edges[1:]))
+    assert abs(draws.mean() - exact) < 4 * math.sqrt(var / len(draws)) + 1e-4 * exact
+
+
+# --- a learned (traced) schedule ---------------------------------------------------------------
+@pytest.mark.parametrize("name", ["linear", "cosine"])
+def test_vp_schedule_from_log_snr_matches_the_fixed_tables(name):
+    T = 200
+    r = vp64(name, T)
+    log_snr = np.log(r["abar"]) - np.log1p(-r["abar"])
+    sched = jax.jit(S.vp_schedule_from_log_snr)(jnp.asarray(log_snr, jnp.float32))
+    for key, ref in (("betas", r["beta"]), ("alphas_cumprod", r["abar"]), ("posterior_variance", r["post_var"]),
+                     ("posterior_mean_coef1", r["coef1"]), ("posterior_mean_coef2", r["coef2"]),
+                     ("posterior_log_variance_clipped", r["plvc"]), ("sqrt_one_minus_alphas_cumprod", r["s"])):
+        # float32 log-SNR input: relative errors ~1e-6 * |log SNR| in abar, amplified by 1/beta in the betas.
+        np.testing.assert_allclose(getattr(sched, key), ref, rtol=5e-4, err_msg=key)
+        record(f"vp_schedule_from_log_snr[{name}].{key}", getattr(sched, key), ref)
+    np.testing.assert_allclose(sched.prior_variance, 1.0, rtol=1e-6)

@@ -150,7 +150,7 @@ def test_data_errors(data_dir, monkeypatch):
     real = data.load_images
     monkeypatch.setattr(data, "load_images", lambda *a, **k: real(*a, **k, download=False))
     with pytest.raises(loop.DataError, match="'mnist' is not prepared.*Prepare it on a machine with a network"):
-        loop._load(_config(data_dir, **{"data.dataset": "mnist"}), "train")
+        loop.load_split(_config(data_dir, **{"data.dataset": "mnist"}), "train")
 
 
 def test_sample_errors(trained, tmp_path):

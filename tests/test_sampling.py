@@ -134,3 +134,21 @@ def test_frames_run_from_noise_to_data(sched):
     assert out["frames"].shape == (5, 64, 1, 1, 1)
     assert int(out["frame_t"][0]) == sched.num_timesteps - 1 and int(out["frame_t"][-1]) == 0
     np.testing.assert_array_equal(out["frames"][-1], np.clip(out["samples"], -1, 1))
+
+
+def test_respaced_sampler_has_the_law_of_ddim_eta1_on_the_kept_steps(sched):
+    # Ancestral sampling on the respaced chain (Nichol & Dhariwal) is DDIM with eta = 1 on the same steps:
+    # its posterior variance (1 - abar_prev) / (1 - abar) * (1 - abar / abar_prev) is DDIM's sigma^2.
+    run = jax.jit(lambda r: sampling.respaced_sample_loop(sched, gaussian_x0_model(sched), (N, 1, 1, 1), r,
+                                                          num_steps=25, parameterization="x0",
+                                                          clip_denoised=False)["samples"])
+    _check_law(run(jax.random.PRNGKey(6)), ddim_law(sched, 25, 1.0))
+    # K = T is the ancestral sampler itself (same keys: the same draws), up to the float32 table rebuild.
+    full = sampling.respaced_sample_loop(sched, gaussian_x0_model(sched), (64, 1, 1, 1), jax.random.PRNGKey(7),
+                                         num_steps=sched.num_timesteps, parameterization="x0", num_frames=3)
+    anc = sampling.sample_loop(sched, gaussian_x0_model(sched), (64, 1, 1, 1), jax.random.PRNGKey(7),
+                               parameterization="x0", num_frames=3)
+    np.testing.assert_allclose(full["samples"], anc["samples"], atol=2e-4)
+    np.testing.assert_array_equal(full["frame_t"], anc["frame_t"])
+    with pytest.raises(ValueError, match="sampling steps"):
+        sampling.kept_timesteps(sched.num_timesteps, sched.num_timesteps + 1)

@@ -1,0 +1,14 @@
+"""Shared by the ablation grids: the digits default, shortened so a cell fits a few minutes on 2 CPU cores.
+
+Cells with the same name in different grids are the same run (the runner reuses a finished cell
+and refuses a name that two grids define differently), so every grid calls the unchanged
+default "default".
+"""
+
+BASE = "configs/default.py"
+OVERRIDES = {"training.num_train_steps": 600, "training.eval_every": 200, "optim.warmup_steps": 50}
+DEFAULT_CELL = {}
+
+
+def grid(cells: dict, base: str = BASE, **overrides) -> dict:
+    return {"base": base, "overrides": {**OVERRIDES, **overrides}, "cells": cells}

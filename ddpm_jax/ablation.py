@@ -1,0 +1,272 @@
+"""Ablation runner: a grid of override sets -> one workdir per cell -> one results table and plots.
+
+    python -m ddpm_jax.ablation --grid=configs/ablations/schedules.py [--out=runs/ablations] [--set=field=value]
+
+A grid file defines `get_grid()` returning
+    {"base": "configs/default.py",            # config file of every cell (a cell may name another: "config")
+     "overrides": {"training.num_train_steps": 1200},      # applied to every cell
+     "cells": {"linear": {"diffusion.schedule": "linear"}, "cosine": {...}}}
+
+Each cell trains with ddpm_jax's loop into <out>/cells/<cell>/ (checkpoints, metrics, samples, its
+test bound), then its sample quality is scored (ddpm_jax.evaluate) and the row is written to
+<out>/cells/<cell>/cell.json. A cell with that file is skipped, so an interrupted sweep resumes
+where it stopped (an unfinished cell resumes from its checkpoint), and grids that share a cell
+(every grid's "default") run it once. At the end: <out>/<grid>/results.md and results.csv (bits/dim
+and its parts, Fréchet distance beside its train-vs-test floor, classifier score, wall time), beside
+the independent-pixel histogram baseline, and <out>/<grid>/bpd_vs_step.png.
+"""
+
+from __future__ import annotations
+
+import csv
+import importlib.util
+import json
+import os
+import sys
+import time
+
+import ml_collections
+import numpy as np
+from absl import app, flags
+
+from ddpm_jax import plots
+from ddpm_jax.validation import ConfigError, UserError, lookup_field, flags_parser, load_config_file
+
+CELL_FILE = "cell.json"
+COLUMNS = ("cell", "total_bpd", "decoder_bpd", "diffusion_bpd", "prior_bpd", "recon_bpd", "kl_bpd", "fd", "fd_floor",
+           "classifier_score", "final_train_loss", "steps", "train_time_s", "overrides")
+
+
+def load_grid(path: str) -> dict:
+    """The grid file's dict, checked: a base config, common overrides and at least one cell."""
+    if not os.path.isfile(path):
+        raise ConfigError(f"--grid={path}: no such file; the grids live in configs/ablations/.")
+    spec = importlib.util.spec_from_file_location("_ddpm_jax_grid", path)
+    module = importlib.util.module_from_spec(spec)
+    try:
+        spec.loader.exec_module(module)
+        grid = module.get_grid()
+    except Exception as e:  # noqa: BLE001 - the user's grid file
+        raise ConfigError(f"--grid={path}: loading it failed ({type(e).__name__}: {e}).") from e
+    if not isinstance(grid, dict) or not isinstance(grid.get("cells"), dict) or not grid["cells"]:
+        raise ConfigError(f"--grid={path}: get_grid() must return a dict with a non-empty 'cells' dict "
+                          "(cell name -> {dotted config field: value}).")
+    for name in grid["cells"]:
+        if not name or os.sep in name or name.startswith("."):
+            raise ConfigError(f"--grid={path}: cell name {name!r} must be a plain folder name.")
+    return grid
+
+
+def cell_config(grid: dict, name: str, extra: dict | None = None) -> ml_collections.ConfigDict:
+    """The base config with the common, the cell's and the extra overrides applied (each field must exist)."""
+    overrides = {**grid.get("overrides", {}), **grid["cells"][name], **(extra or {})}
+    config = load_config_file(overrides.pop("config", grid.get("base", "configs/default.py")))
+    for dotted, value in overrides.items():
+        try:
+            lookup_field(config, dotted)
+        except ConfigError as e:
+            raise ConfigError(f"grid cell {name!r}: {e}") from None
+        parent, _, leaf = dotted.rpartition(".")
+        node = lookup_field(config, parent) if parent else config
+        node[leaf] = tuple(value) if isinstance(value, list) else value
+    return config
+
+
+def _atomic_json(obj, path: str) -> None:
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump(obj, f, indent=2)
+    os.replace(tmp, path)
+
+
+def _config_digest(config: ml_collections.ConfigDict) -> str:
+    import hashlib
+
+    return hashlib.sha256(config.to_json_best_effort(sort_keys=True).encode()).hexdigest()[:16]
+
+
+def run_cell(grid: dict, name: str, cells_dir: str, *, extra: dict | None = None, quality: bool = True,
+             num_samples: int = 500, sampler: str = "respaced", num_steps: int = 100) -> dict | None:
+    """Trains and scores one cell in <cells_dir>/<name> (or reads its finished row); None when pre-empted.
+
+    A cell folder belongs to one config: the same name with another config is an error, not a reuse.
+    """
+    from ddpm_jax import checkpoint, evaluate, loop
+
+    config = cell_config(grid, name, extra)
+    digest = _config_digest(config)
+    workdir = os.path.join(cells_dir, name)
+    done = os.path.join(workdir, CELL_FILE)
+    saved = checkpoint.load_config(workdir, required=False) if os.path.isdir(workdir) else None
+    if saved is not None and _config_digest(saved) != digest:
+        raise ConfigError(f"cell {name!r}: {workdir} holds a run of another config (another grid, or the grid or "
+                          "--set changed). Give the cell another name, or delete that folder to rerun it.")
+    if os.path.exists(done):
+        with open(done) as f:
+            return json.load(f)
+    start = time.time()
+    results = loop.train_and_evaluate(config, workdir)
+    if "stopped_at" in results:
+        return None
+    row = {"cell": name, "steps": results["step"], "train_time_s": round(time.time() - start, 1),
+           "overrides": json.dumps(grid["cells"][name], sort_keys=True), "config_digest": digest}
+    row.update({k: v for k, v in results.items() if k.endswith("_bpd")})
+    records = [r for r in plots.read_jsonl(os.path.join(workdir, "metrics.jsonl")) if "loss" in r]
+    if records:
+        row["final_train_loss"] = records[-1]["loss"]
+    if quality:
+        scored = evaluate.evaluate_workdir(workdir, bpd=False, quality=True, num_samples=num_samples,
+                                           sampler=sampler, num_steps=num_steps)
+        row.update({k: scored[k] for k in ("fd", "fd_floor", "classifier_score", "classifier_score_test", "sampler")
+                    if k in scored})
+    _atomic_json(row, done)
+    return row
+
+
+def histogram_row(config: ml_collections.ConfigDict) -> dict:
+    """The independent-pixel histogram baseline's row (digits: fitted on train, scored on test)."""
+    from ddpm_jax import baselines, loop
+
+    bpd = baselines.pixel_histogram_bpd(loop.load_split(config, config.data.train_split),
+                                        loop.load_split(config, config.data.eval_split))
+    return {"cell": "baseline: pixel histogram", "total_bpd": bpd, "overrides": "independent per-pixel categorical"}
+
+
+def _fmt(value) -> str:
+    if isinstance(value, float):
+        return f"{value:.4g}" if abs(value) < 1e4 else f"{value:.0f}"
+    return "" if value is None else str(value)
+
+
+def write_tables(rows: list[dict], out: str) -> tuple[str, str]:
+    """results.csv (every column) and results.md (the columns that hold a value)."""
+    cols = [c for c in COLUMNS if any(c in r for r in rows)]
+    csv_path, md_path = os.path.join(out, "results.csv"), os.path.join(out, "results.md")
+    with open(csv_path, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=cols, extrasaction="ignore")
+        writer.writeheader()
+        writer.writerows(rows)
+    lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+    lines += ["| " + " | ".join(_fmt(r.get(c)) for c in cols) + " |" for r in rows]
+    with open(md_path, "w") as f:
+        f.write("\n".join(lines) + "\n")
+    return csv_path, md_path
+
+
+def plot_bpd_vs_step(cells: list[str], cells_dir: str, out: str) -> str | None:
+    """test_bpd_est (the stratified bound estimate) against step, one curve per cell; the final exact
+    bound as a marker at the last step."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    plotted = False
+    for name in cells:
+        records = plots.read_jsonl(os.path.join(cells_dir, name, "metrics.jsonl"))
+        pts = [(r["step"], r["test_bpd_est"]) for r in records if np.isfinite(r.get("test_bpd_est", np.nan))]
+        if not pts:
+            continue
+        (line,) = ax.plot(*zip(*pts), label=name)
+        final = [(r["step"], r["test_total_bpd"]) for r in records if "test_total_bpd" in r]
+        if final:
+            ax.plot(*final[-1], "o", color=line.get_color())
+        plotted = True
+    if not plotted:
+        plt.close(fig)
+        return None
+    ax.set_xlabel("step")
+    ax.set_ylabel("test bound [bits/dim]")
+    ax.set_yscale("log")
+    ax.set_title("test bound (lines: 20-strata estimate; dots: exact, all T terms)")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    path = os.path.join(out, "bpd_vs_step.png")
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
+def run_grid(grid_path: str, out: str, *, extra: dict | None = None, only: list[str] | None = None,
+             **cell_kwargs) -> list[dict] | None:
+    """Runs (or resumes) every cell of the grid in <out>/cells/<cell>, then writes the tables and the
+    plot to <out>/<grid name>/; returns the rows, or None when pre-empted (run the same command again)."""
+    from ddpm_jax.validation import validate_config
+
+    grid = load_grid(grid_path)
+    names = list(grid["cells"])
+    if only:
+        unknown = [n for n in only if n not in grid["cells"]]
+        if unknown:
+            raise ConfigError(f"--only: {unknown} not in the grid; its cells are {', '.join(names)}.")
+        names = [n for n in names if n in only]
+    for name in names:  # every cell's config is checked before the first one trains
+        try:
+            validate_config(cell_config(grid, name, extra))
+        except ConfigError as e:
+            raise ConfigError(f"grid cell {name!r}: {e}") from None
+    cells_dir = os.path.join(out, "cells")
+    tables_dir = os.path.join(out, os.path.splitext(os.path.basename(grid_path))[0])
+    os.makedirs(tables_dir, exist_ok=True)
+    rows = []
+    for i, name in enumerate(names):
+        print(f"[{i + 1}/{len(names)}] cell {name}", flush=True)
+        row = run_cell(grid, name, cells_dir, extra=extra, **cell_kwargs)
+        if row is None:
+            print(f"Pre-empted in cell {name}: run the same command again to resume.", flush=True)
+            return None
+        rows.append(row)
+    base = cell_config(grid, names[0], extra)
+    if base.data.dataset == "digits":
+        rows.append(histogram_row(base))
+    csv_path, md_path = write_tables(rows, tables_dir)
+    plot = plot_bpd_vs_step(names, cells_dir, tables_dir)
+    with open(md_path) as f:
+        print(f.read())
+    print(f"wrote {md_path}, {csv_path}" + (f", {plot}" if plot else ""))
+    return rows
+
+
+def parse_set(items: list[str]) -> dict:
+    import ast
+
+    extra = {}
+    for item in items:
+        field, sep, text = item.partition("=")
+        if not sep:
+            raise ConfigError(f"--set={item}: write field=value, e.g. --set=training.num_train_steps=600.")
+        try:
+            extra[field] = ast.literal_eval(text)
+        except (ValueError, SyntaxError):
+            extra[field] = text  # a bare string such as cosine
+    return extra
+
+
+def cli() -> None:
+    """The command line (flags are defined here, not at import, so the library imports cleanly)."""
+    _GRID = flags.DEFINE_string("grid", None, "A grid file (configs/ablations/*.py).")
+    _OUT = flags.DEFINE_string("out", "runs/ablations", "Root of the sweeps: <out>/cells/<cell> (one workdir per "
+                               "cell, shared by the grids) and <out>/<grid>/results.md.")
+    _ONLY = flags.DEFINE_list("only", None, "Run only these cells (comma-separated names).")
+    _SET = flags.DEFINE_multi_string("set", [], "Extra override for every cell, field=value (a Python literal), "
+                                     "e.g. --set=training.num_train_steps=600.")
+    _QUALITY = flags.DEFINE_bool("quality", True, "Score sample quality (Fréchet distance) for every cell.")
+    _NUM = flags.DEFINE_integer("num_samples", 500, "Samples per cell for the Fréchet distance.", lower_bound=2)
+
+    def main(argv):
+        if len(argv) > 1:
+            raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+        if not _GRID.value:
+            sys.exit("error: --grid is required, e.g. --grid=configs/ablations/schedules.py")
+        try:
+            run_grid(_GRID.value, _OUT.value, extra=parse_set(_SET.value), only=_ONLY.value,
+                     quality=_QUALITY.value, num_samples=_NUM.value)
+        except (ValueError, UserError) as e:
+            sys.exit(f"error: {e}")
+
+    app.run(main, flags_parser=flags_parser())
+
+
+if __name__ == "__main__":
+    cli()
