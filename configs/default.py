@@ -41,7 +41,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
 
     config.training = ml_collections.ConfigDict()
     config.training.batch_size = 128  # global, split over all devices
-    config.training.num_train_steps = 1200
+    config.training.num_train_steps = 1000
     config.training.ema_decay = 0.998
     config.training.log_every = 50
     config.training.eval_every = 500  # test-split loss

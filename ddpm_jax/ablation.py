@@ -33,8 +33,8 @@ from ddpm_jax import plots
 from ddpm_jax.validation import ConfigError, UserError, lookup_field, flags_parser, load_config_file
 
 CELL_FILE = "cell.json"
-COLUMNS = ("cell", "total_bpd", "decoder_bpd", "diffusion_bpd", "prior_bpd", "recon_bpd", "kl_bpd", "fd", "fd_floor",
-           "classifier_score", "final_train_loss", "steps", "train_time_s", "overrides")
+COLUMNS = ("cell", "total_bpd", "total_bpd_se", "decoder_bpd", "diffusion_bpd", "prior_bpd", "recon_bpd", "kl_bpd",
+           "fd", "fd_floor", "classifier_score", "final_train_loss", "steps", "train_time_s", "overrides")
 
 
 def load_grid(path: str) -> dict:
@@ -110,7 +110,7 @@ def run_cell(grid: dict, name: str, cells_dir: str, *, extra: dict | None = None
         return None
     row = {"cell": name, "steps": results["step"], "train_time_s": round(time.time() - start, 1),
            "overrides": json.dumps(grid["cells"][name], sort_keys=True), "config_digest": digest}
-    row.update({k: v for k, v in results.items() if k.endswith("_bpd")})
+    row.update({k: v for k, v in results.items() if k.endswith("_bpd") or k == "total_bpd_se"})
     records = [r for r in plots.read_jsonl(os.path.join(workdir, "metrics.jsonl")) if "loss" in r]
     if records:
         row["final_train_loss"] = records[-1]["loss"]
