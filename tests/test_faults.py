@@ -150,8 +150,12 @@ def _signalling_batches(real, at_step, times=1, sig=signal.SIGINT):
     return batches
 
 
-def test_sigint_saves_and_a_second_one_interrupts(dirs, tmp_path, monkeypatch):
+def test_sigint_saves_and_a_second_one_interrupts(dirs, tmp_path, monkeypatch, request):
     _, data_dir = dirs
+    # Start from Python's own Ctrl-C handler whatever this process inherited (a job started in the
+    # background with `&` ignores SIGINT), and give the inherited one back afterwards.
+    inherited = signal.signal(signal.SIGINT, signal.default_int_handler)
+    request.addfinalizer(lambda: signal.signal(signal.SIGINT, inherited))
     config = fu.micro_config(data_dir)  # the compiled steps of the test above are reused
     real = data.train_batches
     workdir = str(tmp_path / "int")
