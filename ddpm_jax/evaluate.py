@@ -81,7 +81,7 @@ def sample_quality(config, samples, seed: int = 0) -> dict:
         return {}
     from ddpm_jax import digits_classifier
 
-    return {k: v for k, v in digits_classifier.digits_sample_quality(samples, seed=seed).items()}
+    return digits_classifier.digits_sample_quality(samples, seed=seed)
 
 
 def cli() -> None:
