@@ -9,6 +9,7 @@ import sys
 
 from absl import app, flags
 
+from ddpm_jax import xla_flags
 from ddpm_jax.validation import UserError, flags_parser
 
 _WORKDIR = flags.DEFINE_string("workdir", "runs/default", "A workdir that train.py wrote.")
@@ -38,4 +39,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
+    xla_flags.configure()  # before anything creates a JAX backend
     app.run(main, flags_parser=flags_parser())

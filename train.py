@@ -14,6 +14,7 @@ import sys
 from absl import app, flags
 from ml_collections import config_flags
 
+from ddpm_jax import xla_flags
 from ddpm_jax.validation import UserError, flags_parser
 
 _DEFAULT_CONFIG = os.path.join(os.path.dirname(os.path.abspath(__file__)), "configs", "default.py")
@@ -53,4 +54,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
+    xla_flags.configure()  # before anything creates a JAX backend
     app.run(main, flags_parser=flags_parser(_DEFAULT_CONFIG))

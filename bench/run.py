@@ -35,6 +35,8 @@ import time
 HERE = os.path.dirname(os.path.abspath(__file__))
 REPO = os.path.dirname(HERE)
 THREADS = 2  # this machine's cores; PyTorch gets the same
+sys.path.insert(0, REPO)
+from ddpm_jax import xla_flags  # noqa: E402  (sets nothing on import; jax is not imported)
 
 
 # ----------------------------------------------------------------------------- parts (subprocesses)
@@ -207,10 +209,10 @@ def run_part(name: str, opts, outdir: str) -> dict:
         os.remove(path)
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join([HERE, REPO] + ([env["PYTHONPATH"]] if env.get("PYTHONPATH") else []))
-    env.pop("XLA_FLAGS", None)
     env["JAX_PLATFORMS"] = "cpu"
-    if name == "scaling2":  # must be set before jax is imported: hence a subprocess
-        env["XLA_FLAGS"] = "--xla_force_host_platform_device_count=2"
+    # Flags must be set before jax starts its backend: hence a subprocess per part.
+    flags = "--xla_force_host_platform_device_count=2" if name == "scaling2" else ""
+    env["XLA_FLAGS"] = flags if opts.xla_cpu_ynn_convs else xla_flags.with_cpu_defaults(flags)
     cmd = [sys.executable, os.path.abspath(__file__), "--part", name, "--part-out", path] + opts.passthrough
     load0 = os.getloadavg()[0]
     t0 = time.perf_counter()
@@ -307,6 +309,8 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="fewer steps and a smaller sampling set")
     ap.add_argument("--skip-torch", action="store_true")
+    ap.add_argument("--xla-cpu-ynn-convs", action="store_true",
+                    help="XLA's own default (YNNPACK convolutions) instead of ddpm_jax's xla_flags defaults")
     ap.add_argument("--parts", default=",".join(PARTS), help="comma-separated subset of " + ",".join(PARTS))
     ap.add_argument("--out", default=os.path.join(HERE, "out", "cpu.json"))
     ap.add_argument("--part", help=argparse.SUPPRESS)

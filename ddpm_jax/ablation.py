@@ -29,7 +29,7 @@ import ml_collections
 import numpy as np
 from absl import app, flags
 
-from ddpm_jax import plots
+from ddpm_jax import plots, xla_flags
 from ddpm_jax.validation import ConfigError, UserError, lookup_field, flags_parser, load_config_file
 
 CELL_FILE = "cell.json"
@@ -265,6 +265,7 @@ def cli() -> None:
         except (ValueError, UserError) as e:
             sys.exit(f"error: {e}")
 
+    xla_flags.configure()  # before anything creates a JAX backend
     app.run(main, flags_parser=flags_parser())
 
 

@@ -20,7 +20,7 @@ import time
 import jax
 from absl import app, flags
 
-from ddpm_jax import plots, train_lib
+from ddpm_jax import plots, train_lib, xla_flags
 from ddpm_jax.validation import UserError, flags_parser
 
 
@@ -109,6 +109,7 @@ def cli() -> None:
             sys.exit(f"error: {e}")
         print(json.dumps(result, indent=2))
 
+    xla_flags.configure()  # before anything creates a JAX backend
     app.run(main, flags_parser=flags_parser())
 
 

@@ -13,7 +13,7 @@ import pytest
 
 from configs import cifar10, default
 from ddpm_jax.models import UNet, create_model
-from ddpm_jax.models.layers import AttnBlock
+from ddpm_jax.models.layers import AttnBlock, group_norm
 
 CIFAR10_PARAMS = 35_746_307  # the paper's "35.7M" (Ho et al. 2020, appendix B)
 TINY_PARAMS = 44_969
@@ -213,6 +213,27 @@ def test_bfloat16_compute_close_to_float32(tiny_apply, perturbed_params, inputs)
     chex.assert_tree_all_finite(out_bf16)
     scale = float(jnp.abs(out_f32).max())
     np.testing.assert_allclose(out_bf16, out_f32, atol=0.05 * scale)
+
+
+def test_group_norm_returns_compute_dtype_with_float32_statistics():
+    """bf16 mode: GroupNorm's output is bf16 (half the bytes into swish and the conv) but its mean and
+    variance are float32: the result matches a float64 NumPy GroupNorm of the same bf16 input to
+    bf16 output rounding, even with a large common offset (bf16 statistics would be off by ~0.1)."""
+    rng = np.random.default_rng(0)
+    x = (40.0 + rng.standard_normal((2, 4, 4, 8))).astype(np.float32)
+    x_bf16 = jnp.asarray(x, jnp.bfloat16)
+    norm = group_norm(num_groups=2, dtype=jnp.bfloat16)
+    params = norm.init(jax.random.PRNGKey(0), x_bf16)
+    out = norm.apply(params, x_bf16)
+    assert out.dtype == jnp.bfloat16
+    assert all(p.dtype == jnp.float32 for p in jax.tree.leaves(params))
+    xg = np.asarray(x_bf16.astype(jnp.float32), np.float64).reshape(2, 4, 4, 2, 4)
+    mean = xg.mean(axis=(1, 2, 4), keepdims=True)
+    var = xg.var(axis=(1, 2, 4), keepdims=True)
+    expected = ((xg - mean) / np.sqrt(var + 1e-6)).reshape(x.shape)
+    np.testing.assert_allclose(np.asarray(out.astype(jnp.float32)), expected, atol=2e-2)
+    # Float32 in, float32 out: the float32 model is unchanged.
+    assert group_norm(2, jnp.float32).apply(params, jnp.asarray(x)).dtype == jnp.float32
 
 
 def test_default_config_builds():

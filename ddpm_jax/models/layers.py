@@ -1,7 +1,9 @@
 """Building blocks of the DDPM UNet: timestep embedding, ResNet block, self-attention, resampling.
 
 All blocks take NHWC activations. Parameters are float32; the matmuls and convolutions run in
-`dtype` (e.g. bfloat16) while GroupNorm and the attention softmax run in float32 for stability.
+`dtype` (e.g. bfloat16). GroupNorm's statistics and the attention softmax are float32 for
+stability; GroupNorm returns `dtype`, so a norm -> swish -> conv chain moves no float32 activations
+(improved-diffusion's GroupNorm32 does the same).
 
 References:
   Ho, Jain, Abbeel. Denoising Diffusion Probabilistic Models (2020), appendix B; the layers follow
@@ -55,9 +57,13 @@ def get_timestep_embedding(t: chex.Array, dim: int, max_period: float = 10000.0)
     return emb
 
 
-def group_norm(num_groups: int, name: str | None = None) -> nn.GroupNorm:
-    """GroupNorm computed and returned in float32 (the statistics are the precision-sensitive bit)."""
-    return nn.GroupNorm(num_groups=num_groups, epsilon=GROUPNORM_EPS, dtype=jnp.float32,
+def group_norm(num_groups: int, dtype: Dtype, name: str | None = None) -> nn.GroupNorm:
+    """GroupNorm with float32 statistics, scale and shift, returning `dtype`.
+
+    flax reduces in float32 whatever the input (`force_float32_reductions`); only the output is
+    cast, which halves the bytes of every norm -> swish in bfloat16.
+    """
+    return nn.GroupNorm(num_groups=num_groups, epsilon=GROUPNORM_EPS, dtype=dtype,
                         param_dtype=jnp.float32, name=name)
 
 
@@ -93,11 +99,11 @@ class ResnetBlock(nn.Module):
     @nn.compact
     def __call__(self, x: chex.Array, temb: chex.Array, train: bool) -> jnp.ndarray:
         """x [B, H, W, C_in], temb [B, E] -> [B, H, W, out_ch] in `dtype`."""
-        h = nn.swish(group_norm(self.num_groups, "norm1")(x))
+        h = nn.swish(group_norm(self.num_groups, self.dtype, "norm1")(x))
         h = conv3x3(self.out_ch, self.dtype, name="conv1")(h)
         # A per-channel bias from the time embedding; the reference applies swish to temb first.
         h = h + dense(self.out_ch, self.dtype, name="temb_proj")(nn.swish(temb))[:, None, None, :]
-        h = nn.swish(group_norm(self.num_groups, "norm2")(h))
+        h = nn.swish(group_norm(self.num_groups, self.dtype, "norm2")(h))
         h = nn.Dropout(self.dropout)(h, deterministic=not train)
         # Zero-init: the block starts as the identity (or the NIN projection).
         h = conv3x3(self.out_ch, self.dtype, init_scale=0.0, name="conv2")(h)
@@ -121,7 +127,7 @@ class AttnBlock(nn.Module):
     def __call__(self, x: chex.Array) -> jnp.ndarray:
         """x [B, H, W, C] -> [B, H, W, C] in `dtype`."""
         b, hgt, wid, c = x.shape
-        h = group_norm(self.num_groups, "norm")(x).reshape(b, hgt * wid, c)  # [B, HW, C]
+        h = group_norm(self.num_groups, self.dtype, "norm")(x).reshape(b, hgt * wid, c)  # [B, HW, C]
         # One fused 1x1 projection; same parameter count as the reference's three NIN layers.
         q, k, v = jnp.split(dense(3 * c, self.dtype, name="qkv")(h), 3, axis=-1)  # 3 x [B, HW, C]
         logits = jnp.einsum("bqc,bkc->bqk", q * (c ** -0.5), k)  # [B, HW, HW]

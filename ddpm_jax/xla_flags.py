@@ -1,0 +1,34 @@
+"""XLA flags that ddpm_jax's entry points set before JAX creates its backends.
+
+XLA:CPU hands convolutions to YNNPACK by default. Its weight-gradient convolutions (the window
+spans the whole image) run at 22-37 GFLOP/s on the cifar10 UNet's shapes on a 2-core x86 VM,
+while XLA's Eigen convolutions reach 80-90 GFLOP/s there; forward and input-gradient convolutions
+are about equal. Keeping YNNPACK for dots, elementwise ops and reductions (where it is faster than
+XLA's own emitters) and leaving convolutions to Eigen made the cifar10 train step faster; the
+numbers are in bench/RESULTS.md. The flag only affects XLA:CPU: GPU compiles ignore it.
+
+XLA reads XLA_FLAGS once, when the first backend is created, so `configure()` must run before
+anything touches a device (importing jax is fine). A user's own choice for the same flag wins.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import MutableMapping
+
+YNN_FLAG = "--xla_cpu_experimental_ynn_fusion_type"
+# Every YNNPACK fusion kind except "individual_convolution".
+YNN_WITHOUT_CONVOLUTIONS = f"{YNN_FLAG}=dot,eltwise,reduce,individual_dot"
+
+
+def with_cpu_defaults(xla_flags: str) -> str:
+    """`xla_flags` plus ddpm_jax's XLA:CPU defaults, unless it already sets the same flag."""
+    if YNN_FLAG in xla_flags:
+        return xla_flags
+    return f"{xla_flags} {YNN_WITHOUT_CONVOLUTIONS}".strip()
+
+
+def configure(environ: MutableMapping[str, str] | None = None) -> None:
+    """Adds the defaults to environ["XLA_FLAGS"] (os.environ by default); idempotent."""
+    environ = os.environ if environ is None else environ
+    environ["XLA_FLAGS"] = with_cpu_defaults(environ.get("XLA_FLAGS", ""))
