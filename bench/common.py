@@ -8,6 +8,7 @@ ml_collections wheel alone. Every batch is synthetic (uniform in [-1, 1]).
 from __future__ import annotations
 
 import functools
+import glob
 import json
 import os
 import platform
@@ -110,11 +111,14 @@ def timed_calls(fn, n: int, *, carry=None, between=None):
 
 
 def bench_train(cfg, *, steps: int, warmup: int = 2, seed: int = 0, host_batch_steps: int = 0,
-                between=None) -> dict:
+                between=None, pipelined: bool = False, trace_dir: str | None = None, trace_steps: int = 3) -> dict:
     """The pmapped train_step (train_lib.make_pmapped_steps) on a synthetic global batch.
 
     Compiles ahead of time (lower + compile, timed), then runs `warmup` untimed and `steps` timed
     steps, each blocked on. Returns throughput, compile time, XLA memory analysis and cost analysis.
+    pipelined: also time `steps` steps dispatched back to back with one block at the end, as
+    ddpm_jax.loop runs them (the host enqueues step k+1 while the device runs step k).
+    trace_dir: profile `trace_steps` pipelined steps there (jax.profiler, with a Perfetto trace).
     """
     from ddpm_jax import train_lib
 
@@ -146,6 +150,25 @@ def bench_train(cfg, *, steps: int, warmup: int = 2, seed: int = 0, host_batch_s
 
     _, rstate = timed_calls(step, warmup, carry=rstate)
     times, rstate = timed_calls(step, steps, carry=rstate, between=between)
+    extra = {}
+    if pipelined:
+        start = now()
+        for _ in range(steps):
+            rstate = step(rstate)
+        dispatched = now()
+        jax.block_until_ready(rstate)
+        extra["pipelined_step_s"] = (now() - start) / steps
+        extra["pipelined_dispatch_s_per_step"] = (dispatched - start) / steps  # host time to enqueue a step
+        extra["pipelined_steps_per_s"] = 1.0 / extra["pipelined_step_s"]
+        extra["pipelined_images_per_s"] = gb / extra["pipelined_step_s"]
+    if trace_dir:
+        with jax.profiler.trace(trace_dir, create_perfetto_trace=True):
+            for _ in range(trace_steps):
+                rstate = step(rstate)
+            jax.block_until_ready(rstate)
+        found = glob.glob(os.path.join(trace_dir, "**", "*perfetto_trace.json.gz"), recursive=True)
+        extra["trace"] = max(found, key=os.path.getmtime) if found else None
+        extra["trace_steps"] = trace_steps
     host_times = []
     if host_batch_steps:  # as ddpm_jax.loop feeds it: a fresh host (numpy) batch every step
         # Explicit device_put with the step's input sharding: calling the pmapped function on a
@@ -176,6 +199,7 @@ def bench_train(cfg, *, steps: int, warmup: int = 2, seed: int = 0, host_batch_s
         "host_batch_step_times_s": host_times,
         "host_batch_first_s": host_first_s if host_batch_steps else None,
         "host_batch_images_per_s": gb / statistics.median(host_times) if host_times else None,
+        **extra,
     }
 
 

@@ -1,5 +1,7 @@
 #!/usr/bin/env bash
 # GPU benchmark: cifar10 config at global batch 128 in f32 and bf16, plus sampling throughput.
+# The bf16 step is also profiled: trace_train_bfloat16.json.gz, read with
+# `python bench/trace_summary.py TRACE --steps 3` (gpu_log.txt has the summary).
 # Fits in ~8 minutes on one H100/H200; needs no network (JAX, Flax, Optax, chex present there;
 # ml_collections comes along as bench/wheels/*.whl). Synthetic batches: no tensorflow.
 #   bash bench/gpu.sh            # results in $OUT (if set) or bench/out/: gpu.json, gpu_log.txt
@@ -16,5 +18,8 @@ fi
 nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm,clocks.max.sm,power.limit,temperature.gpu \
   --format=csv 2>&1 | tee "$OUT_DIR/nvidia-smi.txt"
 export PYTHONUNBUFFERED=1
+# This jaxlib's XLA:GPU command-buffer (CUDA graph) flags and their defaults, for the record.
+XLA_FLAGS=--help timeout 60 "$PY" -c "import jax; jax.devices()" 2>&1 \
+  | grep -i -E "command_buffer|graph_min|graph_level" > "$OUT_DIR/xla_gpu_flags.txt"
 # The script skips what no longer fits its own --budget-s; the outer timeout is the hard stop.
 timeout 480 "$PY" bench/gpu_bench.py --out "$OUT_DIR/gpu.json" "$@" 2>&1 | tee "$OUT_DIR/gpu_log.txt"

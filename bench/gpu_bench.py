@@ -16,12 +16,14 @@ from __future__ import annotations
 
 import argparse
 import os
+import shutil
 import sys
 import time
 import traceback
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import common  # noqa: E402
+import trace_summary  # noqa: E402
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
@@ -63,6 +65,8 @@ def main():
     ap.add_argument("--model-gflops", type=float, default=35.0075,
                     help="cifar10 UNet fwd+bwd GFLOP/image (XLA:CPU cost analysis), used where the GPU's is missing")
     ap.add_argument("--only", default="", help="comma-separated item names to run (default: all)")
+    ap.add_argument("--no-trace", action="store_true",
+                    help="skip the profile of the bf16 step (a Perfetto trace next to --out)")
     args = ap.parse_args()
 
     res = {"env": common.env_info(), "args": vars(args), "items": {}, "errors": {}}
@@ -132,25 +136,40 @@ def main():
         res["flops_source"] = f"--model-gflops {args.model_gflops} (XLA:CPU cost analysis, bench/run.py)"
     res["fwd_bwd_flops_per_image_used"] = fl
 
+    out_dir = os.path.dirname(os.path.abspath(args.out))
+
+    def add_mfu(r, peak):
+        if fl:
+            r["model_tflops_per_s"] = fl * r["images_per_s"] / 1e12
+            r["mfu_pct"] = 100.0 * r["model_tflops_per_s"] / peak if peak else None
+            if "pipelined_images_per_s" in r:
+                r["pipelined_mfu_pct"] = 100.0 * fl * r["pipelined_images_per_s"] / 1e12 / peak if peak else None
+        return r
+
     for dtype in ("bfloat16", "float32"):
         def train(dtype=dtype):
+            profile = dtype == "bfloat16" and not args.no_trace
             r = common.bench_train(cfg_for(dtype), steps=3 if args.smoke else args.steps, warmup=3,
-                                   host_batch_steps=2 if args.smoke else 10)
-            peak = bf16_peak if dtype == "bfloat16" else tf32_peak
-            if fl:
-                r["model_tflops_per_s"] = fl * r["images_per_s"] / 1e12
-                r["mfu_pct"] = 100.0 * r["model_tflops_per_s"] / peak if peak else None
-            return r
+                                   host_batch_steps=2 if args.smoke else 10, pipelined=True,
+                                   trace_dir=os.path.join(out_dir, "trace_tmp") if profile else None)
+            if r.get("trace"):  # $OUT returns files at most two folders down: move it up
+                dst = os.path.join(out_dir, f"trace_train_{dtype}.json.gz")
+                shutil.move(r["trace"], dst)
+                shutil.rmtree(os.path.join(out_dir, "trace_tmp"), ignore_errors=True)
+                r["trace"] = dst
+                try:
+                    r["trace_summary"] = trace_summary.summarize(dst, r["trace_steps"], top=25)
+                    trace_summary.print_summary(r["trace_summary"])
+                except Exception as e:  # noqa: BLE001 - the timings still count; the trace file is there
+                    traceback.print_exc()
+                    r["trace_summary_error"] = repr(e)
+            return add_mfu(r, bf16_peak if dtype == "bfloat16" else tf32_peak)
         item(f"train_{dtype}", train, need_s=30 if args.smoke else 110)  # ~100 s each on an H200
 
     def train_b256():
         cfg = cfg_for("bfloat16")
         cfg.training.batch_size = 16 if args.smoke else 2 * args.batch
-        r = common.bench_train(cfg, steps=3 if args.smoke else 20, warmup=3)
-        if fl:
-            r["model_tflops_per_s"] = fl * r["images_per_s"] / 1e12
-            r["mfu_pct"] = 100.0 * r["model_tflops_per_s"] / bf16_peak if bf16_peak else None
-        return r
+        return add_mfu(common.bench_train(cfg, steps=3 if args.smoke else 20, warmup=3, pipelined=True), bf16_peak)
 
     for dtype in ("bfloat16", "float32"):
         n = 4 if args.smoke else args.sample_n
@@ -187,8 +206,9 @@ def print_table(res):
               f"fwd+bwd {f['fwd_bwd_flops_per_image'] / 1e9:.2f} G")
     print()
     print("| cifar10, global batch | dtype | steps/s | images/s | model TFLOP/s | MFU % | compile s | "
-          "XLA peak MB | host-batch img/s | step ms | XLA bytes / copy BW ms |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|")
+          "XLA peak MB | host-batch img/s | step ms | XLA bytes / copy BW ms | pipelined steps/s | pipelined MFU % "
+          "| dispatch ms/step |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     bw = it.get("matmul", {}).get("copy_gb_per_s")
     for name, dtype in (("train_float32", "float32"), ("train_bfloat16", "bfloat16"),
                         ("train_bfloat16_b256", "bfloat16")):
@@ -200,7 +220,9 @@ def print_table(res):
                   f"{fmt(r.get('model_tflops_per_s'), '.0f')} | {fmt(r.get('mfu_pct'), '.1f')} | "
                   f"{r['lower_s'] + r['compile_s']:.0f} | {r['xla_memory'].get('peak_estimate_mb', 0):.0f} | "
                   f"{fmt(r.get('host_batch_images_per_s'), '.0f')} | {1e3 * r['step_median_s']:.1f} | "
-                  f"{fmt(floor, '.1f')} |")
+                  f"{fmt(floor, '.1f')} | {fmt(r.get('pipelined_steps_per_s'), '.1f')} | "
+                  f"{fmt(r.get('pipelined_mfu_pct'), '.1f')} | "
+                  f"{fmt(1e3 * r['pipelined_dispatch_s_per_step'] if 'pipelined_dispatch_s_per_step' in r else None, '.2f')} |")
     print()
     print("| sampling | dtype | N | T run | step ms | net-alone ms | loop overhead % | img/s at T=1000 | "
           "DDIM-50 img/s |")

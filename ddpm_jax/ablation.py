@@ -13,7 +13,7 @@ test bound), then its sample quality is scored (ddpm_jax.evaluate) and the row i
 where it stopped (an unfinished cell resumes from its checkpoint), and grids that share a cell
 (every grid's "default") run it once. At the end: <out>/<grid>/results.md and results.csv (bits/dim
 and its parts, Fréchet distance beside its train-vs-test floor, classifier score, wall time), beside
-the independent-pixel histogram baseline, and <out>/<grid>/bpd_vs_step.png.
+the independent-pixel histogram baseline, and <out>/<grid>/{bpd,loss}_vs_step.png.
 """
 
 from __future__ import annotations
@@ -153,9 +153,10 @@ def write_tables(rows: list[dict], out: str) -> tuple[str, str]:
     return csv_path, md_path
 
 
-def plot_bpd_vs_step(cells: list[str], cells_dir: str, out: str) -> str | None:
-    """test_bpd_est (the stratified bound estimate) against step, one curve per cell; the final bound
-    (config.training.final_bpd_strata: its estimate or all T terms) as a marker at the last step."""
+def plot_vs_step(cells: list[str], cells_dir: str, path: str, key: str, ylabel: str, title: str,
+                 final_key: str | None = None) -> str | None:
+    """metrics.jsonl's `key` against step, one curve per cell (log y); `final_key`'s last value, if
+    given, as a marker at its step. Returns the path, or None when no cell has the key."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -165,11 +166,11 @@ def plot_bpd_vs_step(cells: list[str], cells_dir: str, out: str) -> str | None:
     plotted = False
     for name in cells:
         records = plots.read_jsonl(os.path.join(cells_dir, name, "metrics.jsonl"))
-        pts = [(r["step"], r["test_bpd_est"]) for r in records if np.isfinite(r.get("test_bpd_est", np.nan))]
+        pts = [(r["step"], r[key]) for r in records if np.isfinite(r.get(key, np.nan))]
         if not pts:
             continue
         (line,) = ax.plot(*zip(*pts), label=name)
-        final = [(r["step"], r["test_total_bpd"]) for r in records if "test_total_bpd" in r]
+        final = [(r["step"], r[final_key]) for r in records if final_key in r] if final_key else []
         if final:
             ax.plot(*final[-1], "o", color=line.get_color())
         plotted = True
@@ -177,15 +178,25 @@ def plot_bpd_vs_step(cells: list[str], cells_dir: str, out: str) -> str | None:
         plt.close(fig)
         return None
     ax.set_xlabel("step")
-    ax.set_ylabel("test bound [bits/dim]")
+    ax.set_ylabel(ylabel)
     ax.set_yscale("log")
-    ax.set_title("test bound: lines, 20-strata estimate at each eval; dots, the final bound", fontsize=10)
+    ax.set_title(title, fontsize=10)
     ax.legend(fontsize=8)
     fig.tight_layout()
-    path = os.path.join(out, "bpd_vs_step.png")
     fig.savefig(path, dpi=100)
     plt.close(fig)
     return path
+
+
+def plot_grid_curves(cells: list[str], cells_dir: str, out: str) -> list[str]:
+    """<out>/bpd_vs_step.png (the test bound) and <out>/loss_vs_step.png (the train loss)."""
+    made = [plot_vs_step(cells, cells_dir, os.path.join(out, "bpd_vs_step.png"), "test_bpd_est",
+                         "test bound [bits/dim]",
+                         "test bound: lines, 20-strata estimate at each eval; dots, the final bound",
+                         final_key="test_total_bpd"),
+            plot_vs_step(cells, cells_dir, os.path.join(out, "loss_vs_step.png"), "loss",
+                         "train loss (the logged step's batch)", "train loss at each log step")]
+    return [p for p in made if p]
 
 
 def run_grid(grid_path: str, out: str, *, extra: dict | None = None, only: list[str] | None = None,
@@ -221,10 +232,10 @@ def run_grid(grid_path: str, out: str, *, extra: dict | None = None, only: list[
     if base.data.dataset == "digits":
         rows.append(histogram_row(base))
     csv_path, md_path = write_tables(rows, tables_dir)
-    plot = plot_bpd_vs_step(names, cells_dir, tables_dir)
+    curves = plot_grid_curves(names, cells_dir, tables_dir)
     with open(md_path) as f:
         print(f.read())
-    print(f"wrote {md_path}, {csv_path}" + (f", {plot}" if plot else ""))
+    print("wrote " + ", ".join([md_path, csv_path, *curves]))
     return rows
 
 

@@ -76,6 +76,7 @@ def test_ablation_grid_writes_the_table_and_resumes_without_retraining(sweep, mo
     assert all(name in table for name in ("ddpm", "vae", "pixel histogram", "fd_floor"))
     assert open(os.path.join(out, "grid", "results.csv")).readline().startswith("cell,total_bpd")
     assert os.path.exists(os.path.join(out, "grid", "bpd_vs_step.png"))
+    assert os.path.exists(os.path.join(out, "grid", "loss_vs_step.png"))
     metrics = [json.loads(line) for line in open(os.path.join(out, "cells", "ddpm", "metrics.jsonl"))]
     assert any(np.isfinite(m.get("test_bpd_est", np.nan)) for m in metrics)  # the curve the plot draws
 
