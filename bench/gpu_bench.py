@@ -15,6 +15,7 @@ timeout keeps what was done) and a Markdown table is printed last.
 from __future__ import annotations
 
 import argparse
+import ast
 import os
 import shutil
 import sys
@@ -65,6 +66,8 @@ def main():
     ap.add_argument("--model-gflops", type=float, default=35.0075,
                     help="cifar10 UNet fwd+bwd GFLOP/image (XLA:CPU cost analysis), used where the GPU's is missing")
     ap.add_argument("--only", default="", help="comma-separated item names to run (default: all)")
+    ap.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
+                    help="config override for every item, e.g. --set optim.flatten=True (repeatable)")
     ap.add_argument("--no-trace", action="store_true",
                     help="skip the profile of the bf16 step (a Perfetto trace next to --out)")
     args = ap.parse_args()
@@ -83,6 +86,13 @@ def main():
         cfg = common.get_config("cifar10", batch=8 if args.smoke else args.batch, dtype=dtype)
         if args.smoke:
             cfg.model.ch, cfg.model.num_groups, cfg.model.ch_mult = 16, 4, (1, 2)
+        for item_ in args.set:
+            field, value = item_.split("=", 1)
+            *parents, leaf = field.split(".")
+            node = cfg
+            for name in parents:
+                node = node[name]
+            node[leaf] = ast.literal_eval(value)
         return cfg
 
     def item(name, fn, *, need_s):

@@ -65,6 +65,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.optim.beta1 = 0.9
     config.optim.beta2 = 0.999
     config.optim.eps = 1e-8
+    config.optim.flatten = False  # clip + Adam over one flat vector of all parameters (same update; fewer kernels)
 
     config.sampling = ml_collections.ConfigDict()
     config.sampling.num_samples = 64

@@ -89,10 +89,13 @@ def learning_rate_schedule(optim: ml_collections.ConfigDict, num_train_steps: in
 
 
 def make_optimizer(config: ml_collections.ConfigDict) -> optax.GradientTransformation:
+    """Global-norm clipping, then Adam. With optim.flatten, both run on one flat vector of all the
+    parameters (optax.flatten): the same update, in a few large kernels instead of a few per leaf."""
     optim = config.optim
     lr = learning_rate_schedule(optim, config.training.num_train_steps)
-    return optax.chain(optax.clip_by_global_norm(optim.grad_clip),
-                       optax.adam(lr, b1=optim.beta1, b2=optim.beta2, eps=optim.eps))
+    tx = optax.chain(optax.clip_by_global_norm(optim.grad_clip),
+                     optax.adam(lr, b1=optim.beta1, b2=optim.beta2, eps=optim.eps))
+    return optax.flatten(tx) if optim.get("flatten", False) else tx
 
 
 def create_train_state(config: ml_collections.ConfigDict, rng: jax.Array) -> TrainState:
