@@ -112,8 +112,6 @@ def _check_optim(opt: ml_collections.ConfigDict) -> None:
     for field in ("beta1", "beta2"):
         _require(_is_number(opt[field]) and 0.0 <= opt[field] < 1.0, f"optim.{field}",
                  f"must be in [0, 1), got {opt[field]!r}.")
-    _require(isinstance(opt.get("flatten", False), bool), "optim.flatten",
-             f"must be True or False, got {opt.get('flatten')!r}.")
 
 
 def validate_config(config: ml_collections.ConfigDict, num_devices: int | None = None) -> None:
