@@ -86,8 +86,8 @@ def main():
         cfg = common.get_config("cifar10", batch=8 if args.smoke else args.batch, dtype=dtype)
         if args.smoke:
             cfg.model.ch, cfg.model.num_groups, cfg.model.ch_mult = 16, 4, (1, 2)
-        for item_ in args.set:
-            field, value = item_.split("=", 1)
+        for override in args.set:
+            field, value = override.split("=", 1)
             *parents, leaf = field.split(".")
             node = cfg
             for name in parents:
