@@ -313,17 +313,39 @@ def bench_sampling(cfg, *, n: int, t_steps: int, ddim_steps: int | None = 50, re
     rng = jax.random.PRNGKey(3)
     x0 = jax.random.normal(rng, shape)
 
-    def run(name, f, *args):
+    def run(name, f, *args, n_reps=reps):
         t0 = now()
         c = jax.jit(f, static_argnums=()).lower(*args).compile()
         res[f"{name}_compile_s"] = now() - t0
-        times, _ = timed_calls(lambda: c(*args), reps)
+        times, _ = timed_calls(lambda: c(*args), n_reps)
         res[f"{name}_s"] = min(times)
         res[f"{name}_times_s"] = times
 
     run("ancestral", ancestral, params, rng)
     run("net_alone", functools.partial(net_alone, steps=t_steps), params, x0)
     res["overhead_pct"] = 100.0 * (res["ancestral_s"] / res["net_alone_s"] - 1.0)
+
+    # The sampler's own per-step work, isolated: the same loop around a near-free network, minus a
+    # bare scan around it. The difference of the two full runs above carries the machine's drift
+    # between them (on a 2-core CPU, several % of a step); this does not.
+    reps_out = train_lib.model_out_channels(cfg) // ch
+
+    def trivial_net(x, t):
+        return jnp.concatenate([0.5 * x] * reps_out, axis=-1)
+
+    def sampler_trivial(rng):
+        return sampling.sample_loop(sched, trivial_net, shape, rng, parameterization=dcfg.parameterization,
+                                    variance=dcfg.variance, clip_denoised=cfg.sampling.clip_denoised)["samples"]
+
+    def scan_trivial(x):
+        def body(x, tt):
+            return 0.9 * x + 0.1 * trivial_net(x, tt)[..., :ch], None
+        return jax.lax.scan(body, x, jnp.arange(t_steps - 1, -1, -1, dtype=jnp.int32))[0]
+
+    run("sampler_trivial", sampler_trivial, rng, n_reps=max(reps, 5))
+    run("scan_trivial", scan_trivial, x0, n_reps=max(reps, 5))
+    res["sampler_own_ms"] = 1e3 * (res["sampler_trivial_s"] - res["scan_trivial_s"]) / t_steps
+    res["sampler_own_pct"] = 100.0 * res["sampler_own_ms"] / (1e3 * res["net_alone_s"] / t_steps)
     res["ancestral_images_per_s"] = n / res["ancestral_s"]
     res["net_eval_ms"] = 1e3 * res["net_alone_s"] / t_steps
     res["ancestral_step_ms"] = 1e3 * res["ancestral_s"] / t_steps

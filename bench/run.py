@@ -290,16 +290,18 @@ def table(R: dict) -> str:
                  f"{d1['host_batch_images_per_s']:.0f} img/s (vs {d1['images_per_s']:.0f} device-resident).")
     L.append("")
     L.append("| sampling | N | T run | ancestral ms/step | network alone ms/step | loop overhead % | "
+             "sampler's own ms/step (% of network), isolated | "
              "ancestral img/s at T=1000 (extrapolated) | DDIM-50: N, s, img/s | PyTorch no-grad fwd ms at N |")
-    L.append("|---|---|---|---|---|---|---|---|---|")
+    L.append("|---|---|---|---|---|---|---|---|---|---|")
     for label, part in (("default (digits)", "default"), ("cifar10", "cifar10_sampling")):
         s = R.get(part, {}).get("sampling")
         if not s:
-            L.append(f"| {label} | | | | | | | | {'not run' if part not in R else 'failed'} |")
+            L.append(f"| {label} | | | | | | | | | {'not run' if part not in R else 'failed'} |")
             continue
         tfwd = ref.get("fwd_ms") if part == "cifar10_sampling" else None
         L.append(f"| {label} | {s['n']} | {s['T']} | {s['ancestral_step_ms']:.1f} | {s['net_eval_ms']:.1f} | "
-                 f"{s['overhead_pct']:+.1f} | {s['ancestral_T1000_images_per_s']:.3g} | "
+                 f"{s['overhead_pct']:+.1f} | {s['sampler_own_ms']:.2f} ({s['sampler_own_pct']:+.1f}%) | "
+                 f"{s['ancestral_T1000_images_per_s']:.3g} | "
                  f"{s.get('ddim_n', '-')}, {fmt(s.get('ddim_s'), '.1f')}, {fmt(s.get('ddim_images_per_s'), '.3g')} | "
                  f"{fmt(tfwd, '.0f')} |")
     return "\n".join(L)
