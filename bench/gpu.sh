@@ -18,8 +18,5 @@ fi
 nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm,clocks.max.sm,power.limit,temperature.gpu \
   --format=csv 2>&1 | tee "$OUT_DIR/nvidia-smi.txt"
 export PYTHONUNBUFFERED=1
-# This jaxlib's XLA:GPU command-buffer (CUDA graph) flags and their defaults, for the record.
-XLA_FLAGS=--help timeout 60 "$PY" -c "import jax; jax.devices()" 2>&1 \
-  | grep -i -E "command_buffer|graph_min|graph_level" > "$OUT_DIR/xla_gpu_flags.txt"
 # The script skips what no longer fits its own --budget-s; the outer timeout is the hard stop.
 timeout 480 "$PY" bench/gpu_bench.py --out "$OUT_DIR/gpu.json" "$@" 2>&1 | tee "$OUT_DIR/gpu_log.txt"

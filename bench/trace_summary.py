@@ -92,19 +92,18 @@ def summarize(path: str, steps: int = 1, top: int = 30) -> dict:
         out.update(kernels_per_step=len(kernels) / steps, span_ms_per_step=span / steps,
                    busy_ms_per_step=busy / steps, busy_pct_of_span=100.0 * busy / span if span else None,
                    mean_kernel_us=1e3 * busy / len(kernels))
-    by_name = collections.Counter()
-    count = collections.Counter()
+    ms, calls = collections.Counter(), collections.Counter()  # keyed by ("name", name) and ("kind", kind)
     for e in kernels:
-        name = e["name"]
-        by_name[name] += e["dur"] / 1e3 / steps
-        count[name] += 1
-    out["top"] = [{"name": k, "ms_per_step": v, "calls_per_step": count[k] / steps} for k, v in by_name.most_common(top)]
-    by_kind, kcount = collections.Counter(), collections.Counter()
-    for e in kernels:
-        by_kind[kernel_kind(e["name"])] += e["dur"] / 1e3 / steps
-        kcount[kernel_kind(e["name"])] += 1
-    out["by_kind"] = [{"kind": k, "ms_per_step": v, "calls_per_step": kcount[k] / steps}
-                      for k, v in by_kind.most_common()]
+        for key in (("name", e["name"]), ("kind", kernel_kind(e["name"]))):
+            ms[key] += e["dur"] / 1e3 / steps
+            calls[key] += 1
+
+    def ranked(group, label, n=None):
+        rows = [(k, v) for k, v in ms.most_common() if k[0] == group][:n]
+        return [{label: k[1], "ms_per_step": v, "calls_per_step": calls[k] / steps} for k, v in rows]
+
+    out["top"] = ranked("name", "name", top)
+    out["by_kind"] = ranked("kind", "kind")
     # Phases of one step (the first): before the first convolution (timestep/noise draws, time
     # embedding), forward + backward, and after the last convolution (optimizer, EMA, guard).
     kernels.sort(key=lambda e: e["ts"])
