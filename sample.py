@@ -2,42 +2,34 @@
 
 Samplers: `--sampler=ancestral` (all T steps), `--sampler=respaced --steps=100`, `--sampler=ddim --steps=50 --eta=0`.
 
-Writes a PNG grid and an .npz of the samples (EMA params of the latest checkpoint).
+Writes an .npz and a PNG grid of the samples (EMA params of the latest checkpoint).
 """
 
-import sys
+from absl import flags
 
-from absl import app, flags
-
-from ddpm_jax import xla_flags
-from ddpm_jax.validation import UserError, flags_parser
+from ddpm_jax import cli, methods
 
 _WORKDIR = flags.DEFINE_string("workdir", "runs/default", "A workdir that train.py wrote.")
 _NUM = flags.DEFINE_integer("num", 64, "How many samples, a whole number >= 1.", lower_bound=1)
 _SEED = flags.DEFINE_integer("seed", 0, "Sampling seed.")
-_OUT = flags.DEFINE_string("out", None, "Output PNG path; default <workdir>/sample_seed<seed>.png.")
+_OUT = flags.DEFINE_string("out", None, "Where the grid goes: a .png path, a bare name (.png is added) or a folder; "
+                           "the .npz goes beside it. Default <workdir>/sample_seed<seed>.png.")
 _STRIP = flags.DEFINE_bool("strip", False, "Also write a denoising strip (x_T to x_0; not with ddim).")
-_SAMPLER = flags.DEFINE_enum("sampler", "ancestral", ["ancestral", "respaced", "ddim"],
-                             "ancestral: all T steps (Ho et al.); respaced: --steps steps with recomputed betas "
-                             "(Improved DDPM); ddim: --steps steps with --eta (Song et al.).")
+_SAMPLER = flags.DEFINE_enum("sampler", None, list(methods.SAMPLERS),
+                             "Default: the method's first. ancestral: all T steps (Ho et al.); respaced: --steps "
+                             "steps with recomputed betas (Improved DDPM); ddim: --steps steps with --eta (Song et al.).")
 _STEPS = flags.DEFINE_integer("steps", None, "Sampling steps K <= T for respaced and ddim.", lower_bound=1)
 _ETA = flags.DEFINE_float("eta", 0.0, "DDIM eta in [0, 1]: 0 deterministic, 1 ancestral-like.")
 
 
 def main(argv):
-    if len(argv) > 1:
-        raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
     from ddpm_jax.sample_lib import sample_from_workdir
 
-    try:
-        paths = sample_from_workdir(_WORKDIR.value, _NUM.value, _SEED.value, _OUT.value, _STRIP.value,
-                                    _SAMPLER.value, _STEPS.value, _ETA.value)
-    except (ValueError, UserError) as e:
-        sys.exit(f"error: {e}")
+    paths = sample_from_workdir(_WORKDIR.value, _NUM.value, _SEED.value, _OUT.value, _STRIP.value, _SAMPLER.value,
+                                _STEPS.value, _ETA.value)
     for path in paths:
         print(f"wrote {path}")
 
 
 if __name__ == "__main__":
-    xla_flags.configure()  # before anything creates a JAX backend
-    app.run(main, flags_parser=flags_parser())
+    cli.run(main)

@@ -1,4 +1,4 @@
-"""Trains a DDPM: `python train.py [--config=configs/default.py] [--workdir=runs/default]`.
+"""Trains a model: `python train.py [--config=configs/default.py] [--workdir=runs/default]`.
 
 Any config field can be overridden, e.g. `--config.training.num_train_steps=500`.
 Re-running the same command resumes from the latest checkpoint in --workdir; SIGTERM / Ctrl-C
@@ -11,11 +11,10 @@ import os
 import shlex
 import sys
 
-from absl import app, flags
+from absl import flags
 from ml_collections import config_flags
 
-from ddpm_jax import xla_flags
-from ddpm_jax.validation import UserError, flags_parser
+from ddpm_jax import cli
 
 _DEFAULT_CONFIG = os.path.join(os.path.dirname(os.path.abspath(__file__)), "configs", "default.py")
 _CONFIG = config_flags.DEFINE_config_file("config", _DEFAULT_CONFIG, "Training config file.", lock_config=True)
@@ -27,21 +26,15 @@ _AUTO = flags.DEFINE_bool("distributed", False, "Start jax.distributed with the 
 
 
 def main(argv):
-    if len(argv) > 1:
-        raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
     from ddpm_jax import distributed
 
-    try:  # before anything touches a device
-        distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value, auto=_AUTO.value)
-    except distributed.DistributedError as e:
-        sys.exit(f"error: {e}")
+    # before anything touches a device
+    distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value, auto=_AUTO.value)
     from ddpm_jax import data, loop
 
     data.hide_gpus_from_tf()
     try:
         results = loop.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
-    except (ValueError, UserError) as e:
-        sys.exit(f"error: {e}")
     except KeyboardInterrupt:
         sys.exit(f"error: interrupted twice; stopped without saving. The last complete checkpoint in "
                  f"{_WORKDIR.value} is kept: run the same command again to resume from it.")
@@ -54,5 +47,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    xla_flags.configure()  # before anything creates a JAX backend
-    app.run(main, flags_parser=flags_parser(_DEFAULT_CONFIG))
+    cli.run(main, config_default=_DEFAULT_CONFIG)

@@ -3,7 +3,9 @@
 # The bf16 step is also profiled: trace_train_bfloat16.json.gz, read with
 # `python bench/trace_summary.py TRACE --steps 3` (gpu_log.txt has the summary).
 # Fits in ~8 minutes on one H100/H200; needs no network (JAX, Flax, Optax, chex present there;
-# ml_collections comes along as bench/wheels/*.whl). Synthetic batches: no tensorflow.
+# ml_collections travels as a wheel in .whl/: fetch it here first with
+#   echo /.whl/ >> .git/info/exclude; python3 -m pip download --no-deps -d .whl ml_collections==1.1.0
+# and name .whl in the device tool's carry). Synthetic batches: no tensorflow.
 #   bash bench/gpu.sh            # results in $OUT (if set) or bench/out/: gpu.json, gpu_log.txt
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -12,7 +14,7 @@ mkdir -p "$OUT_DIR"
 PY=${PYTHON:-python3}
 if ! "$PY" -c "import ml_collections" 2>/dev/null; then
   "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/bench_site \
-    bench/wheels/*.whl || exit 1
+    .whl/ml_collections-*.whl || { echo "ml_collections is missing: see the header of $0" >&2; exit 1; }
   export PYTHONPATH=/tmp/bench_site${PYTHONPATH:+:$PYTHONPATH}
 fi
 nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm,clocks.max.sm,power.limit,temperature.gpu \

@@ -36,7 +36,6 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.training.ema_decay = 0.9999
     config.training.log_every = 100
     config.training.eval_every = 10_000
-    config.training.num_eval_batches = 16
     config.training.sample_every = 10_000
     config.training.checkpoint_every = 10_000
 

@@ -45,7 +45,6 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.training.ema_decay = 0.998
     config.training.log_every = 50
     config.training.eval_every = 500  # test-split loss
-    config.training.num_eval_batches = 4
     config.training.sample_every = 100000  # intermediate sample grids (PNG) from EMA params; the final one is always drawn
     config.training.checkpoint_every = 500
     config.training.keep_checkpoints = 3
@@ -89,7 +88,6 @@ def shrink_for_runlocal(config: ml_collections.ConfigDict) -> None:
     config.training.num_train_steps = 4
     config.training.log_every = 2
     config.training.eval_every = 4
-    config.training.num_eval_batches = 1
     config.training.sample_every = 4
     config.training.checkpoint_every = 2
     config.optim.warmup_steps = 2

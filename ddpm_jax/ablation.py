@@ -29,8 +29,9 @@ import ml_collections
 import numpy as np
 from absl import app, flags
 
-from ddpm_jax import plots, xla_flags
-from ddpm_jax.validation import ConfigError, UserError, lookup_field, flags_parser, load_config_file
+from ddpm_jax import cli, configuration, fileio
+from ddpm_jax.configuration import load_config_file, lookup_field
+from ddpm_jax.errors import ConfigError
 
 CELL_FILE = "cell.json"
 COLUMNS = ("cell", "total_bpd", "total_bpd_se", "decoder_bpd", "diffusion_bpd", "prior_bpd", "recon_bpd", "kl_bpd",
@@ -63,26 +64,10 @@ def cell_config(grid: dict, name: str, extra: dict | None = None) -> ml_collecti
     config = load_config_file(overrides.pop("config", grid.get("base", "configs/default.py")))
     for dotted, value in overrides.items():
         try:
-            lookup_field(config, dotted)
+            configuration.set_field(config, dotted, value)
         except ConfigError as e:
             raise ConfigError(f"grid cell {name!r}: {e}") from None
-        parent, _, leaf = dotted.rpartition(".")
-        node = lookup_field(config, parent) if parent else config
-        node[leaf] = tuple(value) if isinstance(value, list) else value
     return config
-
-
-def _atomic_json(obj, path: str) -> None:
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump(obj, f, indent=2)
-    os.replace(tmp, path)
-
-
-def _config_digest(config: ml_collections.ConfigDict) -> str:
-    import hashlib
-
-    return hashlib.sha256(config.to_json_best_effort(sort_keys=True).encode()).hexdigest()[:16]
 
 
 def run_cell(grid: dict, name: str, cells_dir: str, *, extra: dict | None = None, quality: bool = True,
@@ -91,14 +76,14 @@ def run_cell(grid: dict, name: str, cells_dir: str, *, extra: dict | None = None
 
     A cell folder belongs to one config: the same name with another config is an error, not a reuse.
     """
-    from ddpm_jax import checkpoint, evaluate, loop
+    from ddpm_jax import checkpoint, evaluate, loop  # loop: the runner trains its cells, as train.py does
 
     config = cell_config(grid, name, extra)
-    digest = _config_digest(config)
+    digest = configuration.digest(config)
     workdir = os.path.join(cells_dir, name)
     done = os.path.join(workdir, CELL_FILE)
     saved = checkpoint.load_config(workdir, required=False) if os.path.isdir(workdir) else None
-    if saved is not None and _config_digest(saved) != digest:
+    if saved is not None and configuration.digest(saved) != digest:
         raise ConfigError(f"cell {name!r}: {workdir} holds a run of another config (another grid, or the grid or "
                           "--set changed). Give the cell another name, or delete that folder to rerun it.")
     if os.path.exists(done):
@@ -111,7 +96,7 @@ def run_cell(grid: dict, name: str, cells_dir: str, *, extra: dict | None = None
     row = {"cell": name, "steps": results["step"], "train_time_s": round(time.time() - start, 1),
            "overrides": json.dumps(grid["cells"][name], sort_keys=True), "config_digest": digest}
     row.update({k: v for k, v in results.items() if k.endswith("_bpd") or k == "total_bpd_se"})
-    records = [r for r in plots.read_jsonl(os.path.join(workdir, "metrics.jsonl")) if "loss" in r]
+    records = [r for r in fileio.read_jsonl(os.path.join(workdir, "metrics.jsonl")) if "loss" in r]
     if records:
         row["final_train_loss"] = records[-1]["loss"]
     if quality:
@@ -119,16 +104,16 @@ def run_cell(grid: dict, name: str, cells_dir: str, *, extra: dict | None = None
                                            sampler=sampler, num_steps=num_steps)
         row.update({k: scored[k] for k in ("fd", "fd_floor", "classifier_score", "classifier_score_test", "sampler")
                     if k in scored})
-    _atomic_json(row, done)
+    fileio.atomic_write_json(done, row)
     return row
 
 
 def histogram_row(config: ml_collections.ConfigDict) -> dict:
     """The independent-pixel histogram baseline's row (digits: fitted on train, scored on test)."""
-    from ddpm_jax import baselines, loop
+    from ddpm_jax import baselines, evaluation
 
-    bpd = baselines.pixel_histogram_bpd(loop.load_split(config, config.data.train_split),
-                                        loop.load_split(config, config.data.eval_split))
+    bpd = baselines.pixel_histogram_bpd(evaluation.load_split(config, config.data.train_split),
+                                        evaluation.load_split(config, config.data.eval_split))
     return {"cell": "baseline: pixel histogram", "total_bpd": bpd, "overrides": "independent per-pixel categorical"}
 
 
@@ -165,7 +150,7 @@ def plot_vs_step(cells: list[str], cells_dir: str, path: str, key: str, ylabel: 
     fig, ax = plt.subplots(figsize=(7, 4.5))
     plotted = False
     for name in cells:
-        records = plots.read_jsonl(os.path.join(cells_dir, name, "metrics.jsonl"))
+        records = fileio.read_jsonl(os.path.join(cells_dir, name, "metrics.jsonl"))
         pts = [(r["step"], r[key]) for r in records if np.isfinite(r.get(key, np.nan))]
         if not pts:
             continue
@@ -254,7 +239,7 @@ def parse_set(items: list[str]) -> dict:
     return extra
 
 
-def cli() -> None:
+def cli_main() -> None:
     """The command line (flags are defined here, not at import, so the library imports cleanly)."""
     _GRID = flags.DEFINE_string("grid", None, "A grid file (configs/ablations/*.py).")
     _OUT = flags.DEFINE_string("out", "runs/ablations", "Root of the sweeps: <out>/cells/<cell> (one workdir per "
@@ -266,19 +251,13 @@ def cli() -> None:
     _NUM = flags.DEFINE_integer("num_samples", 500, "Samples per cell for the Fréchet distance.", lower_bound=2)
 
     def main(argv):
-        if len(argv) > 1:
-            raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
         if not _GRID.value:
-            sys.exit("error: --grid is required, e.g. --grid=configs/ablations/schedules.py")
-        try:
-            run_grid(_GRID.value, _OUT.value, extra=parse_set(_SET.value), only=_ONLY.value,
-                     quality=_QUALITY.value, num_samples=_NUM.value)
-        except (ValueError, UserError) as e:
-            sys.exit(f"error: {e}")
+            raise ConfigError("--grid is required, e.g. --grid=configs/ablations/schedules.py")
+        run_grid(_GRID.value, _OUT.value, extra=parse_set(_SET.value), only=_ONLY.value, quality=_QUALITY.value,
+                 num_samples=_NUM.value)
 
-    xla_flags.configure()  # before anything creates a JAX backend
-    app.run(main, flags_parser=flags_parser())
+    cli.run(main)
 
 
 if __name__ == "__main__":
-    cli()
+    cli_main()

@@ -22,16 +22,10 @@ import ml_collections
 import numpy as np
 import orbax.checkpoint as ocp
 
-from ddpm_jax.validation import UserError
+from ddpm_jax import configuration, fileio
+from ddpm_jax.errors import CheckpointError
 
 CONFIG_FILE = "config.json"
-# Config sections and fields that fix the shapes or the meaning of a checkpoint; changing them
-# between a run and its resume is an error. Everything else (steps, lr, logging) may change.
-FROZEN_FIELDS = ("data.image_size", "data.channels", "model", "diffusion")
-
-
-class CheckpointError(UserError, RuntimeError):
-    """A checkpoint that is missing, damaged or does not fit the model."""
 
 
 def checkpoint_dir(workdir: str) -> str:
@@ -92,7 +86,7 @@ def restore_latest(mngr: ocp.CheckpointManager, target):
 
     Args:
       mngr: from `make_manager`.
-      target: a state of the right structure and shapes (e.g. a freshly initialised one).
+      target: a state of the right structure and shapes: abstract (`jax.eval_shape`) or concrete.
 
     Returns:
       The restored state, with NumPy leaves (the same on every process), or None.
@@ -112,40 +106,34 @@ def restore_latest(mngr: ocp.CheckpointManager, target):
         raise _damaged(where, e, older) from e
     if stored is None:
         raise _damaged(where, FileNotFoundError("no readable metadata"), older)
-    target = jax.device_get(target)
+    target = _host_target(target)
     mismatches = _shape_mismatches(stored, target)
     if mismatches:
         raise CheckpointError(
             f"the checkpoint {where} was made for another model or image size: {'; '.join(mismatches[:3])}. "
             "Train into a new --workdir, or use the config the checkpoint was trained with.")
     try:
-        return mngr.restore(step, args=ocp.args.StandardRestore(target))
+        return jax.device_get(mngr.restore(step, args=ocp.args.StandardRestore(target)))
     except Exception as e:  # noqa: BLE001
         raise _damaged(where, e, older) from e
 
 
-def _get(config, dotted: str):
-    for key in dotted.split("."):
-        config = config[key]
-    return config
+def _host_target(target):
+    """Restore target on the host CPU: shapes and dtypes only, nothing allocated before the read."""
+    cpu = jax.sharding.SingleDeviceSharding(jax.local_devices(backend="cpu")[0])
+    dtype = lambda x: x.dtype if hasattr(x, "dtype") else np.asarray(x).dtype
+    return jax.tree_util.tree_map(lambda x: jax.ShapeDtypeStruct(np.shape(x), dtype(x), sharding=cpu), target)
 
 
-def check_compatible(saved: ml_collections.ConfigDict, config: ml_collections.ConfigDict, workdir: str) -> None:
-    """Raises CheckpointError if `config` changes a field that a run in `workdir` cannot resume with."""
-    def flat(tree, prefix):
-        if isinstance(tree, (dict, ml_collections.ConfigDict)):
-            items = tree.items()
-            return {k: v for key, sub in items for k, v in flat(sub, f"{prefix}.{key}").items()}
-        return {prefix: tuple(tree) if isinstance(tree, list) else tree}
-
-    diffs = []
-    for field in FROZEN_FIELDS:
-        try:
-            old, new = flat(_get(saved, field), field), flat(_get(config, field), field)
-        except KeyError:
-            continue
-        diffs += [f"config.{k}={old.get(k)!r} in the checkpoint, {new.get(k)!r} now"
-                  for k in sorted(set(old) & set(new)) if old[k] != new[k]]  # fields both know
+def check_compatible(saved: ml_collections.ConfigDict, config: ml_collections.ConfigDict, workdir: str,
+                     frozen_fields) -> None:
+    """Raises CheckpointError if `config` changes one of `frozen_fields` (the sections and fields that
+    fix the shapes or the meaning of a checkpoint: the method's `frozen_fields`) of the run in workdir.
+    Everything else (steps, lr, logging) may change between a run and its resume."""
+    old, new = configuration.flatten(saved), configuration.flatten(config)
+    frozen = lambda k: any(k == f"config.{f}" or k.startswith(f"config.{f}.") for f in frozen_fields)
+    diffs = [f"{k}={old[k]!r} in the checkpoint, {new[k]!r} now" for k in sorted(set(old) & set(new))
+             if frozen(k) and old[k] != new[k]]  # fields both know
     if diffs:
         raise CheckpointError(
             f"{os.path.abspath(workdir)} holds a run trained with another model or image size: {'; '.join(diffs[:4])}"
@@ -154,11 +142,7 @@ def check_compatible(saved: ml_collections.ConfigDict, config: ml_collections.Co
 
 
 def save_config(workdir: str, config: ml_collections.ConfigDict) -> None:
-    os.makedirs(workdir, exist_ok=True)
-    tmp = os.path.join(workdir, CONFIG_FILE + ".tmp")
-    with open(tmp, "w") as f:
-        f.write(config.to_json_best_effort(indent=2))
-    os.replace(tmp, os.path.join(workdir, CONFIG_FILE))  # atomic
+    fileio.atomic_write(os.path.join(workdir, CONFIG_FILE), config.to_json_best_effort(indent=2))
 
 
 def load_config(workdir: str, *, required: bool = True) -> ml_collections.ConfigDict | None:

@@ -25,7 +25,9 @@ import numpy as np
 import tensorflow as tf
 import tensorflow_datasets as tfds
 
+from ddpm_jax import pixels
 from ddpm_jax.digits_builder import Digits  # registers the tfds name "digits"
+from ddpm_jax.pixels import unscale_images  # noqa: F401 - re-exported beside scale_images
 
 # A few names that work with this pipeline (any tfds image dataset with an "image" feature does).
 EXAMPLE_DATASETS = ("digits", "mnist", "fashion_mnist", "cifar10", "celeb_a")
@@ -49,30 +51,11 @@ def hide_gpus_from_tf() -> None:
 
 
 def scale_images(images):
-    """Maps uint8 pixels 0..255 to float32 in [-1, 1] (x / 127.5 - 1); inverse: unscale_images.
-
-    Args:
-      images: uint8 array (NumPy or a tf.Tensor), any shape.
-
-    Returns:
-      float32 of the same shape and kind (NumPy in, NumPy out; tf in, tf out).
-    """
+    """Maps uint8 pixels 0..255 to float32 in [-1, 1] (x / 127.5 - 1), for NumPy or tf.Tensor input
+    (pixels.scale_images is the NumPy one; pixels.unscale_images the inverse)."""
     if isinstance(images, tf.Tensor):
         return tf.cast(images, tf.float32) / 127.5 - 1.0
-    return np.asarray(images).astype(np.float32) / np.float32(127.5) - np.float32(1.0)
-
-
-def unscale_images(x) -> np.ndarray:
-    """Maps [-1, 1] back to uint8 pixels: round((x + 1) * 127.5), clipped to 0..255.
-
-    Args:
-      x: float array (NumPy or JAX), any shape; values outside [-1, 1] are clipped.
-
-    Returns:
-      uint8 NumPy array of the same shape.
-    """
-    x = np.asarray(x, np.float32)
-    return np.clip(np.round((x + 1.0) * 127.5), 0, 255).astype(np.uint8)
+    return pixels.scale_images(images)
 
 
 # ----------------------------------------------------------------------------- loading

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import logging
 import os
-import tempfile
 import time
 from collections.abc import Callable
 from typing import Any, NamedTuple
@@ -29,8 +28,8 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from ddpm_jax import quality
-from ddpm_jax.data import scale_images
+from ddpm_jax import fileio, quality
+from ddpm_jax.pixels import scale_images
 from ddpm_jax.digits_builder import digits_split_indices, digits_uint8
 
 IMAGE_SHAPE = (8, 8, 1)
@@ -186,19 +185,7 @@ def _read_params(path: str, seed: int):
 
 
 def _write_params(path: str, params) -> None:
-    """Writes atomically (a temporary file in the same folder, then os.replace)."""
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path), prefix=".tmp_", suffix=".msgpack")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(flax.serialization.to_bytes(params))
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
+    fileio.atomic_write(path, flax.serialization.to_bytes(params))
 
 
 def load_or_train(cache_dir: str | None = None, seed: int = 0) -> Classifier:

@@ -20,10 +20,12 @@ import os
 import jax
 import numpy as np
 
+from ddpm_jax.errors import UserError
+
 ENV_ADDRESS, ENV_NUM_PROCESSES, ENV_PROCESS_ID = "JAX_COORDINATOR_ADDRESS", "JAX_NUM_PROCESSES", "JAX_PROCESS_ID"
 
 
-class DistributedError(ValueError):
+class DistributedError(UserError, ValueError):
     """Bad or inconsistent multi-process settings; the message says which and how to fix them."""
 
 

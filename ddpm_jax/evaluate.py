@@ -14,14 +14,15 @@ from __future__ import annotations
 
 import json
 import os
-import sys
 import time
 
 import jax
-from absl import app, flags
+from absl import flags
 
-from ddpm_jax import plots, train_lib, xla_flags
-from ddpm_jax.validation import UserError, flags_parser
+from ddpm_jax import cli, evaluation, fileio, methods, plots, train_lib
+from ddpm_jax.errors import ConfigError
+from ddpm_jax.run import WHICH, load_run
+from ddpm_jax.sample_lib import draw_samples
 
 
 def evaluate_workdir(workdir: str, *, params: str = "ema", bpd: bool = True, quality: bool = True,
@@ -29,49 +30,44 @@ def evaluate_workdir(workdir: str, *, params: str = "ema", bpd: bool = True, qua
                      eta: float = 0.0, seed: int = 0, bpd_batch_size: int | None = None, strata: int = 0) -> dict:
     """Scores the latest checkpoint of workdir; returns (and writes) a flat dict of numbers.
 
-    The bound takes all T terms (strata=0) or the stratified estimate with `strata` strata.
+    The bound is the method's most exact one (strata=0: all T terms of a discrete chain) or its
+    estimate with `strata` strata. A sampler the method lacks falls back to its default one.
     """
-    from ddpm_jax import loop, sample_lib
-
-    if params not in ("ema", "raw"):
-        raise ValueError(f"--params must be 'ema' or 'raw', got {params!r}.")
-    config, state = sample_lib.restore_run(workdir)
+    run = load_run(workdir, which=params)
+    config, method = run.config, run.method
     if quality and config.data.dataset == "digits":  # the feature network first: trained once, then cached
         from ddpm_jax import digits_classifier
 
         digits_classifier.load_or_train()
-    if train_lib.is_vae(config):  # one decoder pass: there is no chain to respace
-        sampler, num_steps = "ancestral", None
+    if sampler not in method.samplers:  # e.g. the VAE: one decoder pass, no chain to respace
+        sampler, num_steps = method.samplers[0], None
     if sampler != "ancestral" and num_steps is not None:
-        num_steps = min(num_steps, config.diffusion.num_timesteps)
-    sample_lib.check_sampler(config, sampler, num_steps, eta)
-    _, _, p_bpd, p_sample = train_lib.make_pmapped_steps(config, state.apply_fn, train_lib.make_schedule(config),
-                                                         bpd_strata=strata)
-    weights = train_lib.replicate(state.ema_params if params == "ema" else state.params)
+        num_steps = min(num_steps, getattr(method, "num_timesteps", num_steps))
+    method.check_sampler(sampler, num_steps, eta)
+    steps = train_lib.compile_steps(method, config, bpd_strata=strata)
+    weights = train_lib.replicate(run.params)
     out_dir = os.path.join(workdir, "eval")
     os.makedirs(out_dir, exist_ok=True)
-    result = {"workdir": workdir, "step": int(state.step), "params": params}
+    result = {"workdir": workdir, "step": run.step, "params": params}
     rng = jax.random.PRNGKey(seed)
     if bpd:
         start = time.time()
-        test_images = loop.load_split(config, config.data.eval_split)
-        batch = bpd_batch_size or config.training.get("bpd_batch_size", None) or config.training.batch_size
-        numbers = loop.evaluate_bpd(p_bpd, weights, test_images, config, rng, batch_size=batch)
+        test_images = evaluation.load_split(config, config.data.eval_split)
+        batch = bpd_batch_size or config.training.bpd_batch_size or config.training.batch_size
+        numbers = evaluation.evaluate_bpd(steps.bpd, weights, test_images, config, rng, batch_size=batch)
         if "vb_per_t" in numbers:
             plots.plot_vb_terms(numbers.pop("vb_per_t"), os.path.join(out_dir, f"bpd_terms_{params}.png"),
                                 f"test bound: {numbers['total_bpd']:.3f} bits/dim")
-        result.update(numbers, bpd_time_s=time.time() - start,
-                      bpd_method="all T terms" if not strata else f"stratified estimate, {strata} strata")
+        result.update(numbers, bpd_time_s=time.time() - start, bpd_method=method.bound_description(strata))
     if quality:
         start = time.time()
-        samples = loop.draw_samples(p_sample, weights, config, jax.random.fold_in(rng, 1), num_samples,
-                                    sampler=sampler, num_steps=num_steps, eta=eta)["samples"]
+        samples = draw_samples(steps.sample, weights, jax.random.fold_in(rng, 1), num_samples, sampler=sampler,
+                               num_steps=num_steps, eta=eta)["samples"]
         result["samples_png"] = plots.save_grid(samples[:100], os.path.join(out_dir, f"samples_{params}.png"))
-        result["sampler"] = sampler if sampler == "ancestral" else f"{sampler}{num_steps}"
+        result["sampler"] = sampler if num_steps is None or sampler == "ancestral" else f"{sampler}{num_steps}"
         result.update(sample_quality(config, samples, seed))
         result["quality_time_s"] = time.time() - start
-    with open(os.path.join(out_dir, f"{params}.json"), "w") as f:
-        json.dump(result, f, indent=2)
+    fileio.atomic_write_json(os.path.join(out_dir, f"{params}.json"), result)
     return result
 
 
@@ -84,14 +80,14 @@ def sample_quality(config, samples, seed: int = 0) -> dict:
     return digits_classifier.digits_sample_quality(samples, seed=seed)
 
 
-def cli() -> None:
+def cli_main() -> None:
     """The command line (flags are defined here, not at import, so the library imports cleanly)."""
     _WORKDIR = flags.DEFINE_string("workdir", "runs/default", "A workdir that train.py wrote.")
-    _PARAMS = flags.DEFINE_enum("params", "ema", ["ema", "raw"], "Score the EMA or the raw parameters.")
+    _PARAMS = flags.DEFINE_enum("params", "ema", list(WHICH), "Score the EMA or the raw parameters.")
     _BPD = flags.DEFINE_bool("bpd", True, "Compute the test-split bound (all T terms).")
     _QUALITY = flags.DEFINE_bool("quality", True, "Draw samples and compute the Fréchet distance (digits).")
     _NUM = flags.DEFINE_integer("num_samples", 500, "Samples for the Fréchet distance.", lower_bound=2)
-    _SAMPLER = flags.DEFINE_enum("sampler", "respaced", ["ancestral", "respaced", "ddim"], "Sampler for quality.")
+    _SAMPLER = flags.DEFINE_enum("sampler", "respaced", list(methods.SAMPLERS), "Sampler for quality.")
     _STEPS = flags.DEFINE_integer("steps", 100, "Steps of the respaced / DDIM sampler.", lower_bound=1)
     _ETA = flags.DEFINE_float("eta", 0.0, "DDIM eta.")
     _SEED = flags.DEFINE_integer("seed", 0, "Seed of the bound's noise and of the samples.")
@@ -99,19 +95,15 @@ def cli() -> None:
                                    lower_bound=0)
 
     def main(argv):
-        if len(argv) > 1:
-            raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
-        try:
-            result = evaluate_workdir(_WORKDIR.value, params=_PARAMS.value, bpd=_BPD.value, quality=_QUALITY.value,
-                                      num_samples=_NUM.value, sampler=_SAMPLER.value, num_steps=_STEPS.value,
-                                      eta=_ETA.value, seed=_SEED.value, strata=_STRATA.value)
-        except (ValueError, UserError) as e:
-            sys.exit(f"error: {e}")
+        if not os.path.isdir(_WORKDIR.value):
+            raise ConfigError(f"--workdir={_WORKDIR.value}: no such folder; pass a workdir that train.py wrote.")
+        result = evaluate_workdir(_WORKDIR.value, params=_PARAMS.value, bpd=_BPD.value, quality=_QUALITY.value,
+                                  num_samples=_NUM.value, sampler=_SAMPLER.value, num_steps=_STEPS.value,
+                                  eta=_ETA.value, seed=_SEED.value, strata=_STRATA.value)
         print(json.dumps(result, indent=2))
 
-    xla_flags.configure()  # before anything creates a JAX backend
-    app.run(main, flags_parser=flags_parser())
+    cli.run(main)
 
 
 if __name__ == "__main__":
-    cli()
+    cli_main()

@@ -9,7 +9,7 @@ import os
 import numpy as np
 from PIL import Image
 
-from ddpm_jax.data import unscale_images
+from ddpm_jax.pixels import unscale_images
 
 
 def image_grid(images, ncol: int | None = None, pad: int = 1) -> np.ndarray:
@@ -44,13 +44,6 @@ def save_strip(frames, path: str) -> str:
     frames = np.asarray(frames)
     f, b = frames.shape[:2]
     return save_png(image_grid(frames.transpose(1, 0, 2, 3, 4).reshape((f * b,) + frames.shape[2:]), ncol=f), path)
-
-
-def read_jsonl(path: str) -> list[dict]:
-    if not os.path.exists(path):
-        return []
-    with open(path) as f:
-        return [json.loads(line) for line in f if line.strip()]
 
 
 def plot_curves(records: list[dict], keys, path: str, title: str = "") -> str | None:

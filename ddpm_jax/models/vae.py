@@ -151,10 +151,10 @@ def create_vae(vae_config: ml_collections.ConfigDict, image_size: int, channels:
     """
     c = vae_config
     for field in ("latent_dim", "hidden", "num_hidden_layers"):
-        if int(c[field]) < 1:
-            raise ValueError(f"vae_config.{field}={c[field]} must be >= 1.")
+        if isinstance(c[field], bool) or not isinstance(c[field], int) or c[field] < 1:
+            raise ValueError(f"config.vae.{field}: must be a positive integer, got {c[field]!r}.")
     if c.dtype not in DTYPES:
-        raise ValueError(f"vae_config.dtype={c.dtype!r} must be one of {sorted(DTYPES)}.")
+        raise ValueError(f"config.vae.dtype: must be one of {sorted(DTYPES)}, got {c.dtype!r}.")
     return VAE(latent_dim=int(c.latent_dim), hidden=int(c.hidden),
                num_hidden_layers=int(c.num_hidden_layers), image_size=int(image_size),
                channels=int(channels), dtype=DTYPES[c.dtype])

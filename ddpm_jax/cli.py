@@ -1,0 +1,103 @@
+"""What every command line here shares: flags that fail with one `error: ...` line, and `run`,
+which starts an entry point with the XLA flags set and prints a UserError without a traceback.
+
+    def main(argv): ...            # may raise errors.UserError
+    if __name__ == "__main__":
+        cli.run(main, config_default="configs/default.py")
+"""
+
+from __future__ import annotations
+
+import re
+import sys
+
+import ml_collections
+from absl import app, flags
+
+from ddpm_jax import xla_flags
+from ddpm_jax.configuration import load_config_file, lookup_field
+from ddpm_jax.errors import ConfigError, UserError
+
+_OVERRIDE = re.compile(r"^--?(?:no)?config\.([\w.]+)(?:=.*)?$", re.S)
+_CONFIG_FLAG = re.compile(r"^--?config(?:=(.*))?$", re.S)
+_FLAG_IN_MESSAGE = re.compile(r"flag --(?:no)?config\.([\w.]+)=")
+
+
+def check_config_flags(argv: list[str], default_spec: str) -> ml_collections.ConfigDict:
+    """Loads the --config file named in argv and checks that every --config.* override exists."""
+    spec, args = default_spec, argv[1:]
+    for i, arg in enumerate(args):
+        m = _CONFIG_FLAG.match(arg)
+        if m:
+            spec = m.group(1) if m.group(1) is not None else (args[i + 1] if i + 1 < len(args) else default_spec)
+    config = load_config_file(spec)
+    for arg in args:
+        m = _OVERRIDE.match(arg)
+        if m:
+            lookup_field(config, m.group(1))
+    return config
+
+
+def _explain_flag_error(message: str, config: ml_collections.ConfigDict | None) -> str:
+    """absl's message, plus the type a --config.* field expects or the help of a plain flag."""
+    m = _FLAG_IN_MESSAGE.search(message)
+    if m and config is not None:
+        try:
+            value = lookup_field(config, m.group(1))
+        except ConfigError:
+            return message
+        return (f"{message}. config.{m.group(1)} holds a value of type {type(value).__name__} (default {value!r}); "
+                "pass one of that type.")
+    m = re.search(r"of field config\.([\w.]+) is not supported for overriding", message)
+    if m:
+        tfds_hint = (" (for data_dir, the TFDS_DATA_DIR environment variable works too)"
+                     if m.group(1) == "data.data_dir" else "")
+        return (f"--config.{m.group(1)} cannot be set from the command line: its default is None, whose type "
+                "ml_collections cannot override. Give it a typed default in the config file, e.g. "
+                f"ml_collections.config_dict.placeholder(str){tfds_hint}.")
+    m = re.search(r"flag --(\w+)=", message)
+    if m and m.group(1) in flags.FLAGS:
+        flag = flags.FLAGS[m.group(1)]
+        return f"{message}. --{flag.name}: {flag.help.rstrip('.')} (default {flag.default!r})."
+    return message
+
+
+def flags_parser(config_default: str | None = None):
+    """An absl `flags_parser` for app.run that prints `error: ...` (no traceback) for bad flags.
+
+    Args:
+      config_default: the --config default (`path[:arg]`), for entry points with a --config flag;
+        its overrides are checked against the loaded config before absl parses them.
+    """
+
+    def parse(argv):
+        config = None
+        try:
+            if config_default is not None:
+                config = check_config_flags(argv, config_default)
+            return flags.FLAGS(argv)
+        except flags.Error as e:
+            sys.exit(f"error: {_explain_flag_error(str(e), config)}")
+        except UserError as e:
+            sys.exit(f"error: {e}")
+        except (AttributeError, KeyError, TypeError, ValueError, OSError) as e:  # ml_collections' own, last resort
+            sys.exit(f"error: bad command line {' '.join(argv[1:])!r} ({type(e).__name__}: {e}). "
+                     "Check the --config.* names against the config file.")
+
+    return parse
+
+
+def run(main, config_default: str | None = None) -> None:
+    """app.run(main) with the XLA:CPU flags set first and `flags_parser(config_default)`; a UserError
+    (or ValueError) from main exits with `error: <message>` and status 1."""
+
+    def checked_main(argv):
+        if len(argv) > 1:
+            raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+        try:
+            return main(argv)
+        except (UserError, ValueError) as e:
+            sys.exit(f"error: {e}")
+
+    xla_flags.configure()  # before anything creates a JAX backend
+    app.run(checked_main, flags_parser=flags_parser(config_default))

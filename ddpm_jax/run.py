@@ -1,0 +1,108 @@
+"""Loading a trained run (public: `ddpm_jax.load_run`), for notebooks, sample.py and evaluate.
+
+    run = ddpm_jax.load_run("runs/default")            # the newest checkpoint, EMA params
+    x0_hat = run.model_fn(x_t, t)                      # the network, params closed over
+    images = run.sample(16, seed=0)                    # [16, H, W, C] in [-1, 1]
+
+Reads without writing (a read-only checkpoint manager), so it is safe beside a running training.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from typing import Any
+
+import jax
+import ml_collections
+import numpy as np
+
+from ddpm_jax import checkpoint, methods, train_lib
+from ddpm_jax.errors import CheckpointError, ConfigError
+from ddpm_jax.methods import Method
+from ddpm_jax.validation import validate_config
+
+WHICH = ("ema", "raw")
+
+
+@dataclasses.dataclass(frozen=True)
+class Run:
+    """A trained run: its config, method, restored state and the chosen params ("ema" or "raw")."""
+
+    workdir: str
+    config: ml_collections.ConfigDict
+    method: Method
+    state: train_lib.TrainState
+    which: str
+
+    @property
+    def step(self) -> int:
+        return int(self.state.step)
+
+    @property
+    def params(self) -> Any:
+        return self.state.ema_params if self.which == "ema" else self.state.params
+
+    @property
+    def schedule(self):
+        """The Schedule of a discrete DDPM (for a learned schedule, the one its params define)."""
+        return self.method.schedule(self.params)
+
+    @property
+    def parameterization(self) -> str | None:
+        return self.method.describe().get("parameterization")
+
+    @property
+    def variance(self) -> str | None:
+        return self.method.describe().get("variance")
+
+    @property
+    def model_fn(self):
+        """`model_fn(x_t, t)`: the network with the chosen params closed over (the core's contract)."""
+        return self.method.model_fn(self.params)
+
+    def sample(self, num: int, seed: int = 0, sampler: str | None = None, num_steps: int | None = None,
+               eta: float = 0.0) -> np.ndarray:
+        """`num` samples [num, H, W, C] in [-1, 1] on the default device (sample.py uses every device)."""
+        sampler = sampler or self.method.samplers[0]
+        self.method.check_sampler(sampler, num_steps, eta)
+        fn = jax.jit(lambda p, key: self.method.sample(p, key, num, sampler=sampler, num_steps=num_steps, eta=eta))
+        return np.asarray(fn(self.params, jax.random.PRNGKey(seed))["samples"])
+
+
+def load_config(workdir: str) -> ml_collections.ConfigDict:
+    """The config a run in workdir was trained with, checked, or CheckpointError."""
+    config = checkpoint.load_config(workdir)
+    try:
+        validate_config(config, num_devices=1)  # the batch size does not matter here
+    except (ConfigError, AttributeError, KeyError) as e:  # a hand-edited or foreign config.json
+        raise CheckpointError(f"{os.path.join(workdir, checkpoint.CONFIG_FILE)} is not a usable config ({e}); "
+                              "pass the --workdir that train.py wrote to.") from e
+    return config
+
+
+def load_run(workdir: str, which: str = "ema") -> Run:
+    """Restores the newest checkpoint of a workdir that train.py wrote.
+
+    Args:
+      workdir: the run's --workdir.
+      which: "ema" (the averaged params, what samples and bounds use) or "raw".
+
+    Raises:
+      CheckpointError: no run, no checkpoint, or a damaged one; the message says what to do.
+      ConfigError: `which` is not one of WHICH.
+    """
+    if which not in WHICH:
+        raise ConfigError(f"which={which!r}: use 'ema' or 'raw'.")
+    config = load_config(workdir)
+    method = methods.from_config(config)
+    no_checkpoint = CheckpointError(
+        f"{checkpoint.checkpoint_dir(workdir)} holds no checkpoint: train first "
+        f"(python train.py --workdir={workdir}), or pass the --workdir of a trained run.")
+    if not os.path.isdir(checkpoint.checkpoint_dir(workdir)):
+        raise no_checkpoint
+    target = train_lib.abstract_train_state(method, train_lib.make_optimizer(config), jax.random.PRNGKey(config.seed))
+    state = checkpoint.restore_latest(checkpoint.make_manager(workdir, read_only=True), target)
+    if state is None:
+        raise no_checkpoint
+    return Run(workdir=workdir, config=config, method=method, state=state, which=which)
