@@ -82,10 +82,15 @@ def ema_decay(decay: float, step) -> jnp.ndarray:
     return jnp.minimum(decay, (1.0 + step) / (10.0 + step))
 
 
+def _global_index(batch_size: int, axis_name: str | None) -> jnp.ndarray:
+    """[B] the examples' indices in the global batch (devices in axis order)."""
+    offset = 0 if axis_name is None else jax.lax.axis_index(axis_name) * batch_size
+    return offset + jnp.arange(batch_size)
+
+
 def _example_keys(rng, batch_size: int, axis_name: str | None):
     """One key per example, from its global index: independent of how the batch is split."""
-    offset = 0 if axis_name is None else jax.lax.axis_index(axis_name) * batch_size
-    return jax.vmap(lambda i: jax.random.fold_in(rng, i))(offset + jnp.arange(batch_size))
+    return jax.vmap(lambda i: jax.random.fold_in(rng, i))(_global_index(batch_size, axis_name))
 
 
 def _device_rng(rng, axis_name: str | None, offset: int = 0):
@@ -117,7 +122,9 @@ def train_step(state: TrainState, batch: jnp.ndarray, *, method: Method, config:
     """
     step_rng = jax.random.fold_in(state.rng, state.step)
     keys = _example_keys(step_rng, batch.shape[0], axis_name)
-    inputs = method.draw_training_inputs(keys, batch, state.loss_history)
+    global_batch = batch.shape[0] * (1 if axis_name is None else jax.lax.psum(1, axis_name))
+    inputs = method.draw_training_inputs(keys, batch, state.loss_history,
+                                         position=(_global_index(batch.shape[0], axis_name), global_batch))
     dropout_rng = _device_rng(jax.random.fold_in(step_rng, 2**30), axis_name)
 
     def loss_fn(params):

@@ -56,9 +56,11 @@ class Method(abc.ABC):
 
     # ------------------------------------------------------------------ training
     @abc.abstractmethod
-    def draw_training_inputs(self, keys: chex.PRNGKey, x: chex.Array, loss_history) -> dict:
+    def draw_training_inputs(self, keys: chex.PRNGKey, x: chex.Array, loss_history, *, position) -> dict:
         """The per-example random inputs of the loss, from one key per example, outside the gradient.
 
+        position = (index [B], global batch size): each example's place in the global batch, for
+        draws stratified over the batch (low-discrepancy t).
         Returns a dict with at least `weights` [B] (importance weights of the loss terms).
         """
 

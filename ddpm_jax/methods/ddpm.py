@@ -108,7 +108,7 @@ class DDPM(Method):
         return self._model_fn(params)
 
     # ------------------------------------------------------------------ training
-    def draw_training_inputs(self, keys, x, loss_history):
+    def draw_training_inputs(self, keys, x, loss_history, *, position=None):
         t, weights = timesteps.sample_timesteps(jax.vmap(lambda k: jax.random.fold_in(k, 0))(keys),
                                                 self.num_timesteps, loss_history)
         return {"t": t, "weights": weights, "noise": example_noise(keys, x.shape[1:])}

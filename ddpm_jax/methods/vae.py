@@ -39,7 +39,7 @@ class VAE(Method):
     def model_fn(self, params):
         raise ConfigError("the VAE has no denoiser model_fn(x_t, t); draw from it with Run.sample.")
 
-    def draw_training_inputs(self, keys, x, loss_history):
+    def draw_training_inputs(self, keys, x, loss_history, *, position=None):
         return {"weights": jnp.ones((x.shape[0],), jnp.float32), "noise": example_noise(keys, self.latent_shape)}
 
     def loss_terms(self, params, x, inputs, *, train=False, dropout_rng=None):
