@@ -11,11 +11,14 @@ import jax.numpy as jnp
 import numpy as np
 
 from ddpm_jax import diffusion, schedules
-from ddpm_jax.schedules import Schedule, make_schedule, respaced_betas
+from ddpm_jax.schedules import Schedule
 
 
-def _initial_noise(sched: Schedule, rng, shape):
-    # x_T ~ p(x_T) = N(0, prior_variance I): 1 for VP, 1 + sigma_max^2 for VE.
+def _initial_noise(sched: Schedule, rng, shape, x_T=None):
+    """x_T ~ p(x_T) = N(0, prior_variance I) (1 for VP, 1 + sigma_max^2 for VE), or the given x_T."""
+    if x_T is not None:
+        chex.assert_shape(x_T, tuple(shape))
+        return jnp.asarray(x_T, jnp.float32)
     return jax.random.normal(jax.random.fold_in(rng, -1 % 2**31), shape) * jnp.sqrt(sched.prior_variance)
 
 
@@ -26,7 +29,7 @@ def _frame_steps(num_timesteps: int, num_frames: int) -> np.ndarray:
 
 def sample_loop(sched: Schedule, model_fn: diffusion.ModelFn, shape, rng: chex.PRNGKey, *,
                 parameterization: str = "eps", variance: str = "fixed_small", clip_denoised: bool = True,
-                num_frames: int = 0) -> dict:
+                num_frames: int = 0, x_T: chex.Array | None = None) -> dict:
     """Ancestral sampling x_T -> x_0: x_{t-1} = mu_theta(x_t, t) + sigma_t z, z = 0 at t = 0.
 
     Args:
@@ -38,6 +41,8 @@ def sample_loop(sched: Schedule, model_fn: diffusion.ModelFn, shape, rng: chex.P
       clip_denoised: clip the predicted x_0 to [-1, 1] at every step.
       num_frames: if > 0, also return that many evenly spaced frames of x_t (and the predicted
         x_0) from x_T to x_0, for denoising strips.
+      x_T: optional starting point [B, H, W, C]; by default drawn from p(x_T) with
+        fold_in(rng, -1 % 2**31). rng then drives only the per-step noise.
 
     Returns:
       dict with "samples" [B, H, W, C] in [-1, 1] and, with frames, "frames" and "pred_x0"
@@ -54,7 +59,7 @@ def sample_loop(sched: Schedule, model_fn: diffusion.ModelFn, shape, rng: chex.P
         return x_prev, ((x_prev, out["pred_x0"]) if num_frames else None)
 
     ts = jnp.arange(sched.num_timesteps - 1, -1, -1, dtype=jnp.int32)
-    x, traj = jax.lax.scan(step, _initial_noise(sched, rng, shape), ts)
+    x, traj = jax.lax.scan(step, _initial_noise(sched, rng, shape, x_T), ts)
     result = {"samples": jnp.clip(x, -1.0, 1.0)}
     if num_frames:
         idx = _frame_steps(sched.num_timesteps, num_frames)
@@ -64,11 +69,11 @@ def sample_loop(sched: Schedule, model_fn: diffusion.ModelFn, shape, rng: chex.P
 
 def ddim_sample_loop(sched: Schedule, model_fn: diffusion.ModelFn, shape, rng: chex.PRNGKey, *,
                      num_steps: int, eta: float = 0.0, parameterization: str = "eps",
-                     clip_denoised: bool = True) -> dict:
+                     clip_denoised: bool = True, x_T: chex.Array | None = None) -> dict:
     """DDIM (Song et al. 2021, eq. 12) over `num_steps` evenly spaced timesteps of a VP schedule.
 
-    eta = 0 is deterministic; eta = 1 with num_steps = T is ancestral sampling with the
-    posterior variance.
+    eta = 0 is a deterministic map of x_T (rng only draws x_T, unless x_T is given); eta = 1
+    with num_steps = T is ancestral sampling with the posterior variance. x_T: as in `sample_loop`.
     """
     use = kept_timesteps(sched.num_timesteps, num_steps)
     abar_all = sched.alphas_cumprod
@@ -90,7 +95,7 @@ def ddim_sample_loop(sched: Schedule, model_fn: diffusion.ModelFn, shape, rng: c
                   + sigma * z)
         return x_prev, None
 
-    x, _ = jax.lax.scan(step, _initial_noise(sched, rng, shape), jnp.arange(len(use)))
+    x, _ = jax.lax.scan(step, _initial_noise(sched, rng, shape, x_T), jnp.arange(len(use)))
     return {"samples": jnp.clip(x, -1.0, 1.0)}
 
 
@@ -104,28 +109,36 @@ def kept_timesteps(num_timesteps: int, num_steps: int) -> np.ndarray:
 
 def respaced_sample_loop(sched: Schedule, model_fn: diffusion.ModelFn, shape, rng: chex.PRNGKey, *,
                          num_steps: int, parameterization: str = "eps", variance: str = "fixed_small",
-                         clip_denoised: bool = True, num_frames: int = 0) -> dict:
+                         clip_denoised: bool = True, num_frames: int = 0, x_T: chex.Array | None = None) -> dict:
     """Ancestral sampling over K = num_steps of the T steps (Nichol & Dhariwal sec. 4).
 
     The short chain keeps the marginals q(x_t | x_0) = N(a_t x_0, s_t^2) at the kept steps, so its
     betas and posterior are recomputed from them (VP: beta_k = 1 - abar_k / abar_{k-1}; VE alike);
     the network still sees the original t. Works on a traced (learned) schedule too.
+
+    eps, x0 and v outputs mean the same thing on either chain. A "mean" output is the one-step
+    posterior mean of the full T-step chain at the original t, so it is turned into x_0 with the
+    full chain's coefficients, and the short chain forms its own posterior mean from that x_0.
     """
+    diffusion.check_choice("parameterization", parameterization, diffusion.PARAMETERIZATIONS)
     use = kept_timesteps(sched.num_timesteps, num_steps)
     idx = jnp.asarray(use)
     short = Schedule(**schedules.schedule_tables(sched.sqrt_alphas_cumprod[idx],
                                                  sched.sqrt_one_minus_alphas_cumprod[idx], xp=jnp))
+
+    def short_model_fn(x, k):
+        t = idx[k]
+        output = model_fn(x, t)
+        if parameterization != "mean":
+            return output
+        mean, var_output = diffusion.split_variance_output(output, variance)
+        x0 = diffusion.predict_x0_from_mean(sched, x, t, mean)
+        return x0 if var_output is None else jnp.concatenate([x0, var_output], axis=-1)
+
     # A learned variance interpolates between the step's beta and posterior variance: use the short chain's.
-    out = sample_loop(short, lambda x, k: model_fn(x, idx[k]), shape, rng, parameterization=parameterization,
-                      variance=variance, clip_denoised=clip_denoised, num_frames=num_frames)
+    out = sample_loop(short, short_model_fn, shape, rng,
+                      parameterization="x0" if parameterization == "mean" else parameterization,
+                      variance=variance, clip_denoised=clip_denoised, num_frames=num_frames, x_T=x_T)
     if num_frames:
         out["frame_t"] = idx[out["frame_t"]]
     return out
-
-
-def respaced_schedule(sched: Schedule, num_steps: int) -> tuple[Schedule, np.ndarray]:
-    """A K-step VP schedule whose alphas_cumprod equal the original's at K evenly spaced steps
-    (Nichol & Dhariwal sec. 4). Returns it and the kept original timesteps, to map the model's t."""
-    use = kept_timesteps(sched.num_timesteps, num_steps).astype(np.int64)
-    abar = np.cumprod(1.0 - np.asarray(sched.betas, np.float64))
-    return make_schedule(respaced_betas(abar, use)), use

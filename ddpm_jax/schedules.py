@@ -232,8 +232,3 @@ def make_schedule(name_or_betas: BetasLike, num_timesteps: int | None = None, **
     abar = np.cumprod(1.0 - betas)
     return _to_schedule(schedule_tables(np.sqrt(abar), np.sqrt(1.0 - abar), betas=betas))
 
-
-def respaced_betas(alphas_cumprod: np.ndarray, use_timesteps: Sequence[int]) -> np.ndarray:
-    """Betas of a shorter VP chain that hits alphas_cumprod exactly at `use_timesteps` (Nichol & Dhariwal sec. 4)."""
-    abar = np.asarray(alphas_cumprod, np.float64)[np.asarray(sorted(use_timesteps))]
-    return 1.0 - abar / np.append(1.0, abar[:-1])

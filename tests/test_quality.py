@@ -6,7 +6,6 @@ import pytest
 from ddpm_jax import digits_classifier as dc
 from ddpm_jax import quality
 
-
 # ----------------------------------------------------------------------------- Fréchet distance
 
 
@@ -70,11 +69,16 @@ def test_fd_full_covariances_against_eigendecomposition():
     assert got == pytest.approx(expected, rel=1e-9)
 
 
-def test_fd_singular_covariances_are_finite():
+def test_fd_singular_covariances_against_eigendecomposition():
     rng = np.random.default_rng(3)
     f1, f2 = rng.normal(size=(5, 32)), rng.normal(size=(5, 32))  # rank-4 covariances
     fd = quality.frechet_distance_from_features(f1, f2)
-    assert np.isfinite(fd) and fd > 0
+    m1, s1, m2, s2 = f1.mean(0), np.cov(f1, rowvar=False), f2.mean(0), np.cov(f2, rowvar=False)
+    r1 = _sqrt_psd(s1)  # exact for singular PSD matrices, where sqrtm(S1 S2) may need the eps * I offset
+    expected = (np.sum((m1 - m2) ** 2) + np.trace(s1) + np.trace(s2)
+                - 2 * np.trace(_sqrt_psd(r1 @ s2 @ r1)))  # 63.1
+    # The offset eps = 1e-6, if used, moves the value by about 4e-6 relative.
+    assert fd == pytest.approx(expected, rel=1e-5)
 
 
 def test_fd_rejects_bad_inputs():
@@ -139,7 +143,13 @@ def test_features_and_probs_shapes(classifier):
     feats, probs = dc.features_and_probs(classifier, images[:300])  # 297: one padded batch
     assert feats.shape == (297, dc.FEATURE_DIM) and probs.shape == (297, 10)
     assert feats.dtype == probs.dtype == np.float64
-    np.testing.assert_allclose(probs.sum(axis=1), 1.0, atol=1e-12)
+    # The values: the network's features, and the softmax of its logits (float64 here, float32 there);
+    # a sum-to-1 check could not fail, as the function renormalises.
+    ref_feats, logits = (np.asarray(a, np.float64) for a in classifier.apply_fn(classifier.params, images))
+    ref_probs = np.exp(logits - logits.max(axis=1, keepdims=True))
+    ref_probs /= ref_probs.sum(axis=1, keepdims=True)
+    np.testing.assert_allclose(feats, ref_feats, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(probs, ref_probs, rtol=1e-5, atol=1e-6)
     single, _ = dc.features_and_probs(classifier, images[5:6])  # batching does not matter
     np.testing.assert_allclose(single[0], feats[5], rtol=1e-5, atol=1e-5)
 
@@ -190,16 +200,33 @@ def test_digits_sample_quality_real_vs_noise(classifier):
     fake = dc.digits_sample_quality(noise, classifier=classifier)
     assert real["num_samples"] == fake["num_samples"] == 297
     assert abs(real["fd"]) < 1e-6  # the test split against itself
-    assert real["fd_floor"] > 0
-    assert fake["fd"] > 10 * real["fd_floor"]
+    assert fake["fd"] > 40 * real["fd_floor"]  # 581 against 9.1
     assert real["classifier_score"] == pytest.approx(real["classifier_score_test"])
-    assert real["classifier_score_test"] > 5 and fake["classifier_score"] < real["classifier_score"]
+    assert real["classifier_score_test"] > 9 and fake["classifier_score"] < 3  # 9.5 (of 10) and 2.7
+
+
+def test_digits_sample_quality_clips_a_slight_overshoot(classifier):
+    # Values up to 2 in magnitude are clipped to [-1, 1]: the report is that of the clipped samples.
+    test_images, _ = dc.digits_split("test")
+    over = test_images * 1.5
+    assert np.abs(over).max() == 1.5
+    got = dc.digits_sample_quality(over, classifier=classifier)
+    want = dc.digits_sample_quality(np.clip(over, -1, 1), classifier=classifier)
+    assert got == want
+    assert got["fd"] > 1  # 4.4: not the test split itself (0), whose mid-grey pixels were not scaled
 
 
 def test_digits_sample_quality_floor_is_below_noise(classifier):
     train_images, _ = dc.digits_split("train")
     half = dc.digits_sample_quality(train_images[::2], classifier=classifier, seed=1)
-    assert 0 < half["fd"] and 0 < half["fd_floor"] and half["num_samples"] == 750
+    noise = np.random.default_rng(0).uniform(-1, 1, size=(750, 8, 8, 1)).astype(np.float32)
+    fake = dc.digits_sample_quality(noise, classifier=classifier, seed=1)
+    assert half["num_samples"] == fake["num_samples"] == 750
+    assert half["fd_floor"] == fake["fd_floor"]  # the floor depends on N and the seed only
+    # The floor (5.6 at N = 750) is far below pure noise's distance (578): two orders of magnitude.
+    assert fake["fd"] > 50 * half["fd_floor"], (fake["fd"], half["fd_floor"])
+    # Real images (every other train image) sit at the floor, as a perfect model's samples would (4.6).
+    assert half["fd"] < 2 * half["fd_floor"], (half["fd"], half["fd_floor"])
 
 
 @pytest.mark.parametrize("shape", [(10, 8, 8), (10, 8, 8, 3), (10, 28, 28, 1), (1, 8, 8, 1)])
