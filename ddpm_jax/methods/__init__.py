@@ -7,10 +7,11 @@ import ml_collections
 from ddpm_jax.errors import ConfigError
 from ddpm_jax.methods.base import Method
 from ddpm_jax.methods.ddpm import DDPM
+from ddpm_jax.methods.hvae import HVAE
 from ddpm_jax.methods.vae import VAE
 from ddpm_jax.methods.vdm import VDM
 
-REGISTRY: dict[str, type[Method]] = {cls.name: cls for cls in (DDPM, VAE, VDM)}
+REGISTRY: dict[str, type[Method]] = {cls.name: cls for cls in (DDPM, VAE, VDM, HVAE)}
 SAMPLERS = tuple(dict.fromkeys(s for cls in REGISTRY.values() for s in cls.samplers))  # every method's
 
 
