@@ -12,12 +12,11 @@ import shlex
 import sys
 
 from absl import flags
-from ml_collections import config_flags
 
 from ddpm_jax import cli
 
 _DEFAULT_CONFIG = os.path.join(os.path.dirname(os.path.abspath(__file__)), "configs", "default.py")
-_CONFIG = config_flags.DEFINE_config_file("config", _DEFAULT_CONFIG, "Training config file.", lock_config=True)
+_CONFIG = cli.define_config_flag(_DEFAULT_CONFIG, "Training config file (configs/*.py), optionally with :runlocal.")
 _WORKDIR = flags.DEFINE_string("workdir", "runs/default", "Where checkpoints, metrics and samples go.")
 _COORDINATOR = flags.DEFINE_string("coordinator_address", None, "Multi-process runs: host:port of process 0.")
 _NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Multi-process runs: how many processes.", lower_bound=1)

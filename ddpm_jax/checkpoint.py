@@ -14,6 +14,8 @@ NumPy arrays from process 0 only and every process reads them back.
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import json
 import os
 
@@ -45,13 +47,45 @@ def save(mngr: ocp.CheckpointManager, state, *, force: bool = False) -> bool:
     """Saves a host copy of an unreplicated state at its step, asynchronously.
 
     Returns False (and writes nothing) when that step is already saved, e.g. a pre-emption right
-    after a periodic save. Call `mngr.wait_until_finished()` before exiting.
+    after a periodic save. Call `wait_until_finished(mngr)` before exiting.
+
+    Raises:
+      CheckpointError: the disk is full (this save's or the previous one's write failed).
     """
     state = jax.device_get(state)
     step = int(state.step)
     if step in mngr.all_steps():
         return False
-    return mngr.save(step, args=ocp.args.StandardSave(state), force=force)
+    with _disk_full_as_error(mngr, step):
+        return mngr.save(step, args=ocp.args.StandardSave(state), force=force)
+
+
+def wait_until_finished(mngr: ocp.CheckpointManager) -> None:
+    """Blocks until the pending asynchronous save is complete; CheckpointError if the disk filled up."""
+    with _disk_full_as_error(mngr, mngr.latest_step()):
+        mngr.wait_until_finished()
+
+
+def _is_disk_full(e: BaseException | None) -> bool:
+    while e is not None:
+        if isinstance(e, OSError) and e.errno == errno.ENOSPC or "No space left on device" in str(e):
+            return True
+        e = e.__cause__ or e.__context__
+    return False
+
+
+@contextlib.contextmanager
+def _disk_full_as_error(mngr: ocp.CheckpointManager, step):
+    try:
+        yield
+    except Exception as e:  # noqa: BLE001 - orbax wraps the OSError in its own types
+        if not _is_disk_full(e):
+            raise
+        complete = [s for s in mngr.all_steps(read=True) if s != step]
+        kept = f"the last complete checkpoint (step {max(complete)}) is kept" if complete else "no checkpoint is complete"
+        raise CheckpointError(f"no space left on the device of {mngr.directory} while saving step {step}: {kept}. "
+                              "Free space there (or pass a --workdir on another disk) and run the same command "
+                              "again to resume.") from e
 
 
 def _path_key(path) -> str:

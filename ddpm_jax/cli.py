@@ -13,6 +13,7 @@ import sys
 
 import ml_collections
 from absl import app, flags
+from ml_collections import config_flags
 
 from ddpm_jax import xla_flags
 from ddpm_jax.configuration import load_config_file, lookup_field
@@ -85,6 +86,21 @@ def flags_parser(config_default: str | None = None):
                      "Check the --config.* names against the config file.")
 
     return parse
+
+
+def define_config_flag(default_spec: str, help_text: str = "Config file, optionally with :arg (e.g. :runlocal)."):
+    """`--config` (ml_collections' config_flags, locked) with every --config.* override checked first.
+
+    ml_collections applies the overrides already when the flag is defined (at import of the entry
+    point), where an unknown field would end in a traceback; this says `error: ...` instead.
+    """
+    try:
+        check_config_flags(sys.argv, default_spec)
+        return config_flags.DEFINE_config_file("config", default_spec, help_text, lock_config=True)
+    except UserError as e:
+        sys.exit(f"error: {e}")
+    except (AttributeError, KeyError, TypeError, ValueError, flags.Error) as e:
+        sys.exit(f"error: {_explain_flag_error(str(e), None)}. Check the --config.* names against the config file.")
 
 
 def run(main, config_default: str | None = None) -> None:

@@ -147,6 +147,9 @@ def load_images(
     process_count = jax.process_count() if process_count is None else process_count
     if not 0 <= process_index < process_count:
         raise ValueError(f"process_index={process_index} not in [0, {process_count}).")
+    if data_dir and not tf.io.gfile.isdir(data_dir):
+        raise RuntimeError(f"config.data.data_dir={data_dir!r} does not exist: pass the folder that holds the "
+                           "prepared tfds datasets (or leave it unset for ~/tensorflow_datasets).")
     builder = _builder(dataset, data_dir)
     _check_split(builder, split)  # cheap, before any download, where the metadata is known
     _prepare(builder, download)

@@ -22,7 +22,6 @@ from absl import flags
 from ddpm_jax import cli, evaluation, fileio, methods, plots, train_lib
 from ddpm_jax.errors import ConfigError
 from ddpm_jax.run import WHICH, load_run
-from ddpm_jax.sample_lib import draw_samples
 
 
 def evaluate_workdir(workdir: str, *, params: str = "ema", bpd: bool = True, quality: bool = True,
@@ -61,7 +60,7 @@ def evaluate_workdir(workdir: str, *, params: str = "ema", bpd: bool = True, qua
         result.update(numbers, bpd_time_s=time.time() - start, bpd_method=method.bound_description(strata))
     if quality:
         start = time.time()
-        samples = draw_samples(steps.sample, weights, jax.random.fold_in(rng, 1), num_samples, sampler=sampler,
+        samples = train_lib.draw_samples(steps.sample, weights, jax.random.fold_in(rng, 1), num_samples, sampler=sampler,
                                num_steps=num_steps, eta=eta)["samples"]
         result["samples_png"] = plots.save_grid(samples[:100], os.path.join(out_dir, f"samples_{params}.png"))
         result["sampler"] = sampler if num_steps is None or sampler == "ancestral" else f"{sampler}{num_steps}"

@@ -16,7 +16,6 @@ from tqdm.auto import tqdm
 
 from ddpm_jax import data, distributed, fileio, plots, train_lib
 from ddpm_jax.errors import DataError
-from ddpm_jax.sample_lib import draw_samples
 
 
 def load_split(config, split: str) -> np.ndarray:
@@ -88,7 +87,7 @@ def final_report(config, workdir: str, steps, rstate, test_images, eval_rng, wri
     is_main = distributed.is_main_process()
     results = {"step": int(train_lib.unreplicate(rstate.step)),
                "params_sha256": params_digest(train_lib.unreplicate(rstate.params))}
-    out = draw_samples(steps.sample, rstate.ema_params, jax.random.fold_in(eval_rng, -1 % 2**31),
+    out = train_lib.draw_samples(steps.sample, rstate.ema_params, jax.random.fold_in(eval_rng, -1 % 2**31),
                        config.sampling.num_samples, num_frames=10)
     if is_main:
         np.savez(os.path.join(workdir, "samples.npz"), samples=out["samples"])  # the arrays before any picture

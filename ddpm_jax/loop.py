@@ -22,7 +22,6 @@ from ddpm_jax import checkpoint, data, distributed, evaluation, methods, plots, 
 from ddpm_jax.errors import CheckpointError, ConfigError, TrainingDiverged
 from ddpm_jax.guards import NonfiniteGuard, StopFlag
 from ddpm_jax.metric_writer import MetricWriter
-from ddpm_jax.sample_lib import draw_samples
 from ddpm_jax.validation import validate_config
 
 # Processes agree on a pre-emption at log steps and every this many steps (a small collective),
@@ -157,7 +156,7 @@ def _train_and_evaluate(config, workdir: str, stop_at_step: int | None, steps) -
                 writer.write(step, evaluation.evaluate_loss(steps.eval, rstate.ema_params, test_images, config,
                                                             eval_rng, num_eval_batches))
             if step % tr.sample_every == 0 and not last:  # every process samples (SPMD); process 0 writes
-                grid = draw_samples(steps.sample, rstate.ema_params, jax.random.fold_in(eval_rng, step),
+                grid = train_lib.draw_samples(steps.sample, rstate.ema_params, jax.random.fold_in(eval_rng, step),
                                     config.sampling.num_samples)
                 if is_main:
                     plots.save_grid(grid["samples"], os.path.join(workdir, "samples", f"step_{step:07d}.png"))
@@ -172,7 +171,7 @@ def _train_and_evaluate(config, workdir: str, stop_at_step: int | None, steps) -
         where = checkpoint.checkpoint_dir(workdir)
         if diverged or stopping:
             checkpoint.save(mngr, train_lib.unreplicate(rstate), force=True)
-            mngr.wait_until_finished()
+            checkpoint.wait_until_finished(mngr)
         if diverged:
             raise TrainingDiverged(guard.message(config, step, where))
         if stopping:
@@ -182,5 +181,5 @@ def _train_and_evaluate(config, workdir: str, stop_at_step: int | None, steps) -
             return {"stopped_at": step, "signal": reason, "checkpoint_dir": where}
     finally:
         stop.restore()
-        mngr.wait_until_finished()
+        checkpoint.wait_until_finished(mngr)
     return evaluation.final_report(config, workdir, steps, rstate, test_images, eval_rng, writer, start_time)

@@ -1,5 +1,5 @@
-"""Drawing samples: from the pmapped sample step on every local device, and sample.py's library half
-(a trained run's EMA params to a PNG grid and an .npz). Imports neither the training loop nor TF."""
+"""sample.py's library half: a trained run's EMA params to an .npz and a PNG grid (and a strip).
+Imports neither the training loop nor TensorFlow."""
 
 from __future__ import annotations
 
@@ -8,24 +8,9 @@ import os
 import jax
 import numpy as np
 
-from ddpm_jax import distributed, plots, train_lib
+from ddpm_jax import plots, train_lib
 from ddpm_jax.errors import ConfigError
-
-
-def draw_samples(p_sample, params, rng, num: int, num_frames: int = 0, sampler: str = "ancestral",
-                 num_steps: int | None = None, eta: float = 0.0) -> dict:
-    """`num` samples from this process's devices (rounded up to their count), on the host."""
-    devices = jax.local_device_count()
-    per_device = -(-num // devices)
-    out = distributed.local_values(p_sample(params, rng, per_device, num_frames, sampler, num_steps, float(eta)))
-    merge = lambda x: x.reshape((-1,) + x.shape[2:])[:num]  # [D, b, ...] -> [D*b, ...]
-    result = {"samples": merge(out["samples"])}
-    if num_frames and "frames" in out:  # frames are [D, F, b, ...] -> [F, D*b, ...]
-        for k in ("frames", "pred_x0"):
-            v = np.moveaxis(out[k], 0, 1)
-            result[k] = v.reshape(v.shape[:1] + (-1,) + v.shape[3:])[:, :num]
-        result["frame_t"] = out["frame_t"][0]
-    return result
+from ddpm_jax.run import load_run
 
 
 def output_paths(out: str | None, workdir: str, seed: int) -> str:
@@ -48,8 +33,6 @@ def sample_from_workdir(workdir: str, num: int, seed: int = 0, out: str | None =
     Every argument is checked before anything is compiled, and the samples are saved before the
     pictures, so a failing picture loses nothing.
     """
-    from ddpm_jax.run import load_run
-
     if isinstance(num, bool) or not isinstance(num, int) or num < 1:
         raise ConfigError(f"--num must be a whole number >= 1 (how many samples), got {num!r}.")
     png = output_paths(out, workdir, seed)
@@ -58,7 +41,7 @@ def sample_from_workdir(workdir: str, num: int, seed: int = 0, out: str | None =
     run.method.check_sampler(sampler, num_steps, eta)
     steps = train_lib.compile_steps(run.method, run.config)
     num_frames = 10 if strip and sampler != "ddim" else 0
-    result = draw_samples(steps.sample, train_lib.replicate(run.params), jax.random.PRNGKey(seed), num,
+    result = train_lib.draw_samples(steps.sample, train_lib.replicate(run.params), jax.random.PRNGKey(seed), num,
                           num_frames=num_frames, sampler=sampler, num_steps=num_steps, eta=eta)
     stem = os.path.splitext(png)[0]
     os.makedirs(os.path.dirname(os.path.abspath(png)), exist_ok=True)

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import functools
 from types import SimpleNamespace
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import jax
 import jax.numpy as jnp
@@ -20,8 +20,10 @@ import numpy as np
 import optax
 from flax.training import train_state
 
-from ddpm_jax import timesteps
-from ddpm_jax.methods import Method
+from ddpm_jax import distributed, timesteps
+
+if TYPE_CHECKING:  # the steps only call the interface; the registry is the caller's
+    from ddpm_jax.methods import Method
 
 AXIS = "batch"
 
@@ -208,6 +210,22 @@ def compile_steps(method: Method, config: ml_collections.ConfigDict, bpd_strata:
                      in_axes=(0, 0, 0, None)),
         sample=jax.pmap(functools.partial(sample_step, method=method), axis_name=AXIS, in_axes=(0, None),
                         static_broadcasted_argnums=(2, 3, 4, 5, 6)))
+
+
+def draw_samples(p_sample, params, rng, num: int, num_frames: int = 0, sampler: str = "ancestral",
+                 num_steps: int | None = None, eta: float = 0.0) -> dict:
+    """`num` samples from this process's devices (rounded up to their count), on the host."""
+    devices = jax.local_device_count()
+    per_device = -(-num // devices)
+    out = distributed.local_values(p_sample(params, rng, per_device, num_frames, sampler, num_steps, float(eta)))
+    merge = lambda x: x.reshape((-1,) + x.shape[2:])[:num]  # [D, b, ...] -> [D*b, ...]
+    result = {"samples": merge(out["samples"])}
+    if num_frames and "frames" in out:  # frames are [D, F, b, ...] -> [F, D*b, ...]
+        for k in ("frames", "pred_x0"):
+            v = np.moveaxis(out[k], 0, 1)
+            result[k] = v.reshape(v.shape[:1] + (-1,) + v.shape[3:])[:, :num]
+        result["frame_t"] = out["frame_t"][0]
+    return result
 
 
 def replicate(tree, devices=None):

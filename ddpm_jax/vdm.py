@@ -29,8 +29,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ddpm_jax.models.learned_schedule import MonotoneGamma
-
 NUM_BINS = 256
 BIN_VALUES = np.arange(NUM_BINS, dtype=np.float32) / 127.5 - 1.0  # v_k, the decoder's support
 GAMMA_MIN, GAMMA_MAX = -13.3, 5.0  # VDM's initial endpoints gamma(0), gamma(1)
@@ -50,11 +48,6 @@ class FixedLinearGamma(nn.Module):
 
     def __call__(self, t: jnp.ndarray) -> jnp.ndarray:
         return self.gamma_0 + (self.gamma_1 - self.gamma_0) * t
-
-
-def learned_gamma(gamma_0: float = GAMMA_MIN, gamma_1: float = GAMMA_MAX) -> MonotoneGamma:
-    """VDM's learned monotone gamma (endpoints learned too), initialised to span [gamma_0, gamma_1]."""
-    return MonotoneGamma(gamma_0, gamma_1)
 
 
 def _bcast(g: jnp.ndarray, x: jnp.ndarray) -> jnp.ndarray:

@@ -20,6 +20,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}  # the compute dtypes a config may name
+
 Dtype = Any
 GROUPNORM_EPS = 1e-6  # the TF reference's GroupNorm epsilon
 

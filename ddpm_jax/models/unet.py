@@ -17,11 +17,8 @@ import flax.linen as nn
 import jax.numpy as jnp
 import ml_collections
 
-from ddpm_jax.models.layers import (AttnBlock, Downsample, ResnetBlock, Upsample, conv3x3, dense,
+from ddpm_jax.models.layers import (DTYPES, AttnBlock, Downsample, ResnetBlock, Upsample, conv3x3, dense,
                                     get_timestep_embedding, group_norm)
-
-DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
-
 
 class UNet(nn.Module):
     """Noise-prediction UNet: x_t [B, H, W, C] and t [B] -> [B, H, W, out_ch] (float32).

@@ -24,8 +24,7 @@ import flax.linen as nn
 import jax.numpy as jnp
 import ml_collections
 
-from ddpm_jax.models.layers import dense
-from ddpm_jax.models.unet import DTYPES
+from ddpm_jax.models.layers import DTYPES, dense
 
 # Floor of the decoder's log standard deviation: a quarter of the half bin width (1/255 on
 # [-1, 1]). A bin centred on the decoder mean then already holds 1 - 2 Phi(-4) = 0.99994 of the

@@ -1,0 +1,17 @@
+"""The likelihood ladder on the digits (docs/results.md): each method at the main job's length, 1000
+steps, beside the pixel histogram the runner adds. Cells resume, so the sweep can be split over
+sessions: `python -m ddpm_jax.ablation --grid=configs/ablations/likelihood.py [--only=ladder_vdm]`."""
+
+
+def get_grid():
+    vlb = {"diffusion.loss_type": "vlb", "diffusion.timestep_sampler": "importance"}
+    return {"base": "configs/default.py",
+            "overrides": {"training.eval_every": 250},
+            "cells": {"ladder_vae": {"config": "configs/vae.py"},
+                      "ladder_hvae": {"config": "configs/hvae.py"},
+                      "ladder_ddpm": {},  # simple loss, fixed_small, linear: the paper's setting
+                      "ladder_iddpm": {"diffusion.schedule": "cosine", "diffusion.variance": "learned_range",
+                                       "diffusion.loss_type": "hybrid"},
+                      "ladder_vlb_importance": vlb,
+                      "ladder_learned_schedule": {**vlb, "diffusion.schedule": "learned"},
+                      "ladder_vdm": {"config": "configs/vdm.py"}}}
