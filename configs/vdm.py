@@ -20,7 +20,6 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.vdm.sample_steps = 1000  # T of the discretised sampling chain (sample.py --steps)
     config.vdm.bound_num_t = 1000  # t values per test image for the most exact bound (evaluate --strata=0)
     config.optim.lr = 2e-3
-    config.sampling.clip_denoised = False
     if arg == "runlocal":
         config.vdm.sample_steps = 20
         config.vdm.bound_num_t = 20
