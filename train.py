@@ -24,7 +24,17 @@ _PROCESS_ID = flags.DEFINE_integer("process_id", None, "Multi-process runs: this
 _AUTO = flags.DEFINE_bool("distributed", False, "Start jax.distributed with the cluster JAX detects (SLURM, ...).")
 
 
+def _is_process_0() -> bool:
+    """Whether this process is known, before JAX loads, to be process 0: the one that takes the workdir lock."""
+    process_id = _PROCESS_ID.value if _PROCESS_ID.value is not None else os.environ.get("JAX_PROCESS_ID", "")
+    return str(process_id).strip() == "0" or (process_id == "" and not _AUTO.value)
+
+
 def main(argv):
+    from ddpm_jax import workdir_lock
+
+    if _is_process_0():  # a live run in --workdir: refuse now, not after JAX and TensorFlow have loaded
+        workdir_lock.check(_WORKDIR.value)
     from ddpm_jax import distributed
 
     # before anything touches a device

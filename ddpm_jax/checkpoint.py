@@ -17,6 +17,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import json
+import logging
 import os
 
 import jax
@@ -54,6 +55,7 @@ def save(mngr: ocp.CheckpointManager, state, *, force: bool = False) -> bool:
     """
     state = jax.device_get(state)
     step = int(state.step)
+    wait_until_finished(mngr)  # Orbax waits for the previous save anyway; this way its error names its own step
     if step in mngr.all_steps():
         return False
     with _disk_full_as_error(mngr, step):
@@ -74,6 +76,19 @@ def _is_disk_full(e: BaseException | None) -> bool:
     return False
 
 
+class _DiskFullWithoutTraceback(logging.Filter):
+    """Orbax logs a failed background save with its traceback before save / wait_until_finished raise it
+    again; for a full disk the CheckpointError says it all, so that record keeps its line, not the traceback."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.exc_info and _is_disk_full(record.exc_info[1]):
+            record.exc_info, record.exc_text = None, None
+        return True
+
+
+logging.getLogger("absl").addFilter(_DiskFullWithoutTraceback())  # Orbax logs through absl
+
+
 @contextlib.contextmanager
 def _disk_full_as_error(mngr: ocp.CheckpointManager, step):
     try:
@@ -81,11 +96,26 @@ def _disk_full_as_error(mngr: ocp.CheckpointManager, step):
     except Exception as e:  # noqa: BLE001 - orbax wraps the OSError in its own types
         if not _is_disk_full(e):
             raise
-        complete = [s for s in mngr.all_steps(read=True) if s != step]
-        kept = f"the last complete checkpoint (step {max(complete)}) is kept" if complete else "no checkpoint is complete"
-        raise CheckpointError(f"no space left on the device of {mngr.directory} while saving step {step}: {kept}. "
-                              "Free space there (or pass a --workdir on another disk) and run the same command "
-                              "again to resume.") from e
+        mngr.reload()  # what is on disk: a failed step stays a tmp folder
+        complete = [s for s in mngr.all_steps() if s != step]
+        raise _disk_full(str(mngr.directory), f"saving step {step}", complete) from e
+
+
+def _disk_full(where: str, doing: str, complete: list[int]) -> CheckpointError:
+    kept = f"the last complete checkpoint (step {max(complete)}) is kept" if complete else "no checkpoint is complete"
+    return CheckpointError(f"no space left on the device of {where} while {doing}: {kept}. Free space there (or "
+                           "pass a --workdir on another disk) and run the same command again to resume.")
+
+
+def disk_full_error(workdir: str, e: BaseException) -> CheckpointError | None:
+    """The CheckpointError for a full disk met outside a save (metrics, pictures), None for other errors."""
+    if isinstance(e, CheckpointError) or not _is_disk_full(e):
+        return None
+    where = checkpoint_dir(workdir)
+    complete = sorted(int(n) for n in os.listdir(where) if n.isdigit()) if os.path.isdir(where) else []
+    name = getattr(e, "filename", None)
+    return _disk_full(os.path.abspath(workdir), f"writing {name}" if name else "writing its logs or pictures",
+                      complete)
 
 
 def _path_key(path) -> str:
@@ -189,7 +219,10 @@ def load_config(workdir: str, *, required: bool = True) -> ml_collections.Config
                               "that train.py wrote to.")
     try:
         with open(path) as f:
-            return ml_collections.ConfigDict(_lists_to_tuples(json.load(f)))
+            tree = json.load(f)
+        if not isinstance(tree, dict):
+            raise ValueError(f"it holds {json.dumps(tree)[:40]}, not a JSON object of config sections")
+        return ml_collections.ConfigDict(_lists_to_tuples(tree))
     except (OSError, ValueError) as e:
         raise CheckpointError(f"{path} cannot be read ({type(e).__name__}: {e}): restore it from a backup, or "
                               "pass the run's config explicitly to train.py, which rewrites it.") from e

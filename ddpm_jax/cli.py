@@ -8,6 +8,7 @@ which starts an entry point with the XLA flags set and prints a UserError withou
 
 from __future__ import annotations
 
+import errno
 import re
 import sys
 
@@ -105,7 +106,7 @@ def define_config_flag(default_spec: str, help_text: str = "Config file, optiona
 
 def run(main, config_default: str | None = None) -> None:
     """app.run(main) with the XLA:CPU flags set first and `flags_parser(config_default)`; a UserError
-    (or ValueError) from main exits with `error: <message>` and status 1."""
+    (or ValueError, or an OSError of a full disk) from main exits with `error: <message>` and status 1."""
 
     def checked_main(argv):
         if len(argv) > 1:
@@ -114,6 +115,11 @@ def run(main, config_default: str | None = None) -> None:
             return main(argv)
         except (UserError, ValueError) as e:
             sys.exit(f"error: {e}")
+        except OSError as e:  # a full disk where no layer below said more (sample.py's and evaluate's outputs)
+            if e.errno not in (errno.ENOSPC, errno.EDQUOT):
+                raise
+            sys.exit(f"error: no space left{f' for {e.filename}' if e.filename else ''} ({e.strerror}): free space "
+                     "there, or write elsewhere.")
 
     xla_flags.configure()  # before anything creates a JAX backend
     app.run(checked_main, flags_parser=flags_parser(config_default))

@@ -27,6 +27,7 @@ import tensorflow_datasets as tfds
 
 from ddpm_jax import pixels
 from ddpm_jax.digits_builder import Digits  # registers the tfds name "digits"
+from ddpm_jax.errors import DataError
 from ddpm_jax.pixels import unscale_images  # noqa: F401 - re-exported beside scale_images
 
 # A few names that work with this pipeline (any tfds image dataset with an "image" feature does).
@@ -113,6 +114,14 @@ def _prepare(builder: tfds.core.DatasetBuilder, download: bool) -> None:
         ) from e
 
 
+def check_data_dir(data_dir: str | None) -> None:
+    """errors.DataError (a RuntimeError) if data_dir is set but is not a folder; train_and_evaluate
+    calls it before it touches the workdir or builds anything."""
+    if data_dir and not tf.io.gfile.isdir(data_dir):
+        raise DataError(f"config.data.data_dir={data_dir!r} does not exist: pass the folder that holds the "
+                        "prepared tfds datasets (or leave it unset for ~/tensorflow_datasets).")
+
+
 def load_images(
     dataset: str,
     split: str,
@@ -147,9 +156,7 @@ def load_images(
     process_count = jax.process_count() if process_count is None else process_count
     if not 0 <= process_index < process_count:
         raise ValueError(f"process_index={process_index} not in [0, {process_count}).")
-    if data_dir and not tf.io.gfile.isdir(data_dir):
-        raise RuntimeError(f"config.data.data_dir={data_dir!r} does not exist: pass the folder that holds the "
-                           "prepared tfds datasets (or leave it unset for ~/tensorflow_datasets).")
+    check_data_dir(data_dir)
     builder = _builder(dataset, data_dir)
     _check_split(builder, split)  # cheap, before any download, where the metadata is known
     _prepare(builder, download)

@@ -1,7 +1,7 @@
 """Evaluates a trained run: the test bound in bits/dim (all T terms) and sample quality.
 
     python -m ddpm_jax.evaluate --workdir=runs/default [--params=ema|raw] [--num_samples=500]
-        [--sampler=respaced --steps=100] [--no_bpd] [--no_quality]
+        [--sampler=respaced --steps=100] [--nobpd] [--noquality]
 
 Writes <workdir>/eval/<params>.json (and the per-t plot bpd_terms_<params>.png, the grid of the
 samples scored, samples_<params>.png) and prints the numbers. Sample quality (a Fréchet distance
@@ -38,8 +38,8 @@ def evaluate_workdir(workdir: str, *, params: str = "ema", bpd: bool = True, qua
         from ddpm_jax import digits_classifier
 
         digits_classifier.load_or_train()
-    if sampler not in method.samplers:  # e.g. the VAE: one decoder pass, no chain to respace
-        sampler, num_steps = method.samplers[0], None
+    if sampler not in method.samplers:  # the method's own sampler (VDM: a num_steps chain; VAE: one pass)
+        sampler = method.samplers[0]
     if sampler != "ancestral" and num_steps is not None:
         num_steps = min(num_steps, getattr(method, "num_timesteps", num_steps))
     method.check_sampler(sampler, num_steps, eta)
@@ -63,7 +63,7 @@ def evaluate_workdir(workdir: str, *, params: str = "ema", bpd: bool = True, qua
         samples = train_lib.draw_samples(steps.sample, weights, jax.random.fold_in(rng, 1), num_samples, sampler=sampler,
                                num_steps=num_steps, eta=eta)["samples"]
         result["samples_png"] = plots.save_grid(samples[:100], os.path.join(out_dir, f"samples_{params}.png"))
-        result["sampler"] = sampler if num_steps is None or sampler == "ancestral" else f"{sampler}{num_steps}"
+        result["sampler"] = method.sampler_label(sampler, num_steps)
         result.update(sample_quality(config, samples, seed))
         result["quality_time_s"] = time.time() - start
     fileio.atomic_write_json(os.path.join(out_dir, f"{params}.json"), result)

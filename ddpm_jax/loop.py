@@ -80,15 +80,23 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, stop_at_
       a signal or stop_at_step, {"stopped_at", "signal", "checkpoint_dir"}.
 
     Raises:
-      ConfigError, CheckpointError, DataError: bad input, before any training.
+      ConfigError, CheckpointError, DataError: bad input, before any training (a data_dir that does not
+        exist, before the workdir is touched).
       WorkdirLocked: another live run trains in workdir (workdir_lock).
       TrainingDiverged: config.training.max_nonfinite_steps non-finite steps in a row (a checkpoint
         of the last good state is saved first).
     """
     validate_config(config)
+    data.check_data_dir(config.data.data_dir)  # DataError before the workdir, the lock or the model is touched
     check_workdir(workdir)
-    with workdir_lock.acquire(workdir, process_index=jax.process_index(), say=_say):
-        return _train_and_evaluate(config, workdir, stop_at_step, steps)
+    with workdir_lock.acquire(workdir, process_index=jax.process_index(), say=_say) as lock:
+        try:
+            return _train_and_evaluate(config, workdir, stop_at_step, steps, lock)
+        except Exception as e:  # a full disk met by metrics.jsonl or a picture, not by a save
+            full = checkpoint.disk_full_error(workdir, e)
+            if full is None:
+                raise
+            raise full from e
 
 
 def check_workdir(workdir: str) -> None:
@@ -102,7 +110,7 @@ def check_workdir(workdir: str) -> None:
             from None
 
 
-def _train_and_evaluate(config, workdir: str, stop_at_step: int | None, steps) -> dict:
+def _train_and_evaluate(config, workdir: str, stop_at_step: int | None, steps, lock) -> dict:
     start_time = time.time()
     is_main, multi = distributed.is_main_process(), jax.process_count() > 1
     stop = StopFlag()  # from here on a pre-emption saves (after the step in flight)
@@ -151,6 +159,7 @@ def _train_and_evaluate(config, workdir: str, stop_at_step: int | None, steps) -
                               "non-finite loss or gradient; their updates were skipped.")
                 last_log_time, last_log_step, skipped_at_log = now, step, guard.skipped
                 writer.write(step, scalars)
+                lock.refresh()  # WorkdirLocked if another run has taken the workdir over
                 bar.set_postfix(loss=f"{scalars['loss']:.4f}", steps_s=f"{scalars['steps_per_sec']:.2f}")
             if every(step, tr.eval_every, num_steps):
                 writer.write(step, evaluation.evaluate_loss(steps.eval, rstate.ema_params, test_images, config,

@@ -3,6 +3,7 @@ Imports neither the training loop nor TensorFlow."""
 
 from __future__ import annotations
 
+import errno
 import os
 
 import jax
@@ -36,6 +37,16 @@ def sample_from_workdir(workdir: str, num: int, seed: int = 0, out: str | None =
     if isinstance(num, bool) or not isinstance(num, int) or num < 1:
         raise ConfigError(f"--num must be a whole number >= 1 (how many samples), got {num!r}.")
     png = output_paths(out, workdir, seed)
+    if out:  # the default goes into the workdir, which load_run checks
+        folder = os.path.dirname(os.path.abspath(png))
+        try:
+            os.makedirs(folder, exist_ok=True)
+        except OSError as e:
+            why = "a file is in the way" if e.errno in (errno.EEXIST, errno.ENOTDIR) else e.strerror
+            raise ConfigError(f"--out={out}: its folder {folder} cannot be created ({why}); pass a path you can "
+                              "write to.") from None
+        if not os.access(folder, os.W_OK):
+            raise ConfigError(f"--out={out}: its folder {folder} is not writable; pass a path you can write to.")
     run = load_run(workdir)
     sampler = sampler or run.method.samplers[0]
     run.method.check_sampler(sampler, num_steps, eta)

@@ -223,6 +223,22 @@ def _held_message(workdir: str, path: str, rec: dict, stale_after_s: float) -> s
             f"and `python -m ddpm_jax.evaluate --workdir={workdir}` can read the run.")
 
 
+def check(workdir: str, *, stale_after_s: float = 600.0) -> None:
+    """Raises errors.WorkdirLocked if a live run holds workdir's lock; takes nothing, creates nothing.
+
+    train.py calls it first (process 0 only), so that a second run on a busy workdir refuses within
+    a second or two instead of after loading JAX and TensorFlow; `acquire` is what takes the lock.
+    """
+    path = epath.Path(workdir) / LOCK_NAME
+    try:
+        raw = path.read_bytes()
+    except Exception:  # no lock (backends differ in how they say so), or unreadable now: acquire decides
+        return
+    held = _parse(raw)
+    if held and _gone(held, stale_after_s) is None:
+        raise errors.WorkdirLocked(_held_message(str(workdir), os.fspath(path), held, stale_after_s))
+
+
 def acquire(workdir: str, *, command: str | None = None, stale_after_s: float = 600.0, process_index: int = 0,
             heartbeat_s: float | None = None, say: Callable[[str], object] = print) -> WorkdirLock:
     """Takes `<workdir>/run.lock` for this run (creating workdir), or raises errors.WorkdirLocked.

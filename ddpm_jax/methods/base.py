@@ -106,6 +106,10 @@ class Method(abc.ABC):
             raise ConfigError(f"--sampler={sampler!r} is not available for method {self.name!r}; use one of "
                               f"{', '.join(self.samplers)}.")
 
+    def sampler_label(self, sampler: str, num_steps: int | None) -> str:
+        """How tables name a sampler run: "respaced100", "ddim50", "ancestral"."""
+        return sampler if num_steps is None else f"{sampler}{num_steps}"
+
     # ------------------------------------------------------------------ loading a trained run
     def model_fn(self, params: Params):
         """`model_fn(x_t, t)`: the network with `params` closed over (the core's contract)."""

@@ -56,5 +56,8 @@ class VAE(Method):
     def bound_description(self, num_strata):
         return "exact KL, one draw of z per image"
 
+    def sampler_label(self, sampler, num_steps):
+        return "decoder"  # one pass: z ~ N(0, I), decoded
+
     def sample(self, params, rng, num, *, sampler, num_steps, eta, num_frames=0):
         return {"samples": vae.vae_sample(self.apply_fn, params, rng, num)}
