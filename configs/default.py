@@ -38,6 +38,12 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.diffusion.loss_type = "simple"
     config.diffusion.timestep_sampler = "uniform"  # or "importance" (Improved DDPM, for vlb)
     config.diffusion.learned_init = "linear"  # schedule="learned" starts at this schedule's log-SNR endpoints
+    # "learned": the t = 0 decoder's log std is a parameter (per channel), started at the fixed value and trained
+    # by L_0 on decoder_batch examples per device at t = 0 on every step (mean stop-gradiented; one extra forward).
+    config.diffusion.decoder = "fixed"
+    config.diffusion.decoder_batch = 16
+    config.diffusion.prior_loss = False  # True: the prior L_T joins the loss (a learned schedule: the loss is the bound)
+    config.diffusion.condition_on = "index"  # or "log_snr": the network sees log SNR_t mapped onto [0, T - 1]
 
     config.training = ml_collections.ConfigDict()
     config.training.batch_size = 128  # global, split over all devices

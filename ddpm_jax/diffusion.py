@@ -12,7 +12,7 @@ References:
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import chex
 import jax
@@ -284,18 +284,43 @@ def prior_bpd(sched: Schedule, x0):
     return _bpd(normal_kl(mean, log_var, 0.0, jnp.log(sched.prior_variance)))
 
 
-def vb_terms_bpd(sched: Schedule, x0, xt, t, model_mean, model_log_variance):
+def _decoder_log_scales(decoder_log_scale, model_log_variance):
+    """The t = 0 decoder's log std, shaped like the images: half the model's log variance (today's
+    decoder), or a learned log-scale (a scalar, or one per channel [C]) broadcast over the images."""
+    if decoder_log_scale is None:
+        return 0.5 * model_log_variance
+    return jnp.broadcast_to(decoder_log_scale, model_log_variance.shape)
+
+
+def vb_terms_bpd(sched: Schedule, x0, xt, t, model_mean, model_log_variance, decoder_log_scale=None):
     """One term of the bound per example, bits/dim: L_{t-1} = KL(q(x_{t-1}|x_t,x_0) || p(x_{t-1}|x_t))
-    for t > 0, and the decoder NLL L_0 = -log p(x_0 | x_1) where t == 0 (Ho et al. eq. 5)."""
+    for t > 0, and the decoder NLL L_0 = -log p(x_0 | x_1) where t == 0 (Ho et al. eq. 5).
+
+    decoder_log_scale: None (default) gives the decoder the model's variance at t = 0 (for
+    fixed_small the posterior variance of step 1); or the log std of a learned decoder, a scalar or
+    one per channel [C], used at t == 0 instead.
+    """
     chex.assert_equal_shape([x0, xt, model_mean, model_log_variance])
     true_mean, _, true_log_var = q_posterior(sched, x0, xt, t)
     kl = _bpd(normal_kl(true_mean, true_log_var, model_mean, model_log_variance))
-    nll = -_bpd(discretized_gaussian_log_likelihood(x0, model_mean, 0.5 * model_log_variance))
+    log_scales = _decoder_log_scales(decoder_log_scale, model_log_variance)
+    nll = -_bpd(discretized_gaussian_log_likelihood(x0, model_mean, log_scales))
     return jnp.where(t == 0, nll, kl)
 
 
+def decoder_bpd(sched: Schedule, model_fn: ModelFn, x0, noise, *, parameterization: str = "eps",
+                variance: str = "fixed_small", decoder_log_scale=None):
+    """L_0 = -log p(x_0 | x_1) per example in bits/dim at x_1 = q_sample(x_0, t = 0, noise): one
+    network call. What trains a learned decoder scale on every step (the method stops the gradient
+    of the mean and the schedule, so only the scale learns from it)."""
+    t = jnp.zeros((x0.shape[0],), jnp.int32)
+    xt = q_sample(sched, x0, t, noise)
+    out = p_mean_variance(sched, model_fn(xt, t), xt, t, parameterization, variance)
+    return vb_terms_bpd(sched, x0, xt, t, out["mean"], out["log_variance"], decoder_log_scale)
+
+
 def training_losses(sched: Schedule, model_fn: ModelFn, x0, t, noise, *, parameterization: str = "eps",
-                    variance: str = "fixed_small", loss_type: str = "simple") -> dict:
+                    variance: str = "fixed_small", loss_type: str = "simple", decoder_log_scale=None) -> dict:
     """Per-example training loss and its parts.
 
     Loss types:
@@ -314,6 +339,7 @@ def training_losses(sched: Schedule, model_fn: ModelFn, x0, t, noise, *, paramet
       model_fn: `model_fn(x_t, t) -> output`.
       x0: [B, H, W, C] data in [-1, 1]; t: [B] int; noise: like x0.
       parameterization, variance, loss_type: see module constants.
+      decoder_log_scale: None, or a learned t = 0 decoder's log std (scalar or [C]); see vb_terms_bpd.
 
     Returns:
       dict of [B] arrays: "loss", "mse", and "vb" (bits/dim of L_t) where the loss uses it.
@@ -344,7 +370,7 @@ def training_losses(sched: Schedule, model_fn: ModelFn, x0, t, noise, *, paramet
         var_part = 0.5 * ((log_var - true_log_var) - 1.0 + jnp.exp(true_log_var - log_var))
         weighted = _bpd(omega * (target - output) ** 2 + var_part)
         decoder = vb_terms_bpd(sched, x0, xt, t, p_mean_variance(sched, model_output, xt, t, parameterization,
-                                                                 variance)["mean"], log_var)
+                                                                 variance)["mean"], log_var, decoder_log_scale)
         terms["vb"] = jnp.where(t == 0, decoder, weighted)
         terms["loss"] = T * terms["vb"]
         return terms
@@ -353,7 +379,7 @@ def training_losses(sched: Schedule, model_fn: ModelFn, x0, t, noise, *, paramet
         frozen = jax.lax.stop_gradient(output)
         model_output = frozen if var_output is None else jnp.concatenate([frozen, var_output], axis=-1)
     out = p_mean_variance(sched, model_output, xt, t, parameterization, variance)
-    terms["vb"] = vb_terms_bpd(sched, x0, xt, t, out["mean"], out["log_variance"])
+    terms["vb"] = vb_terms_bpd(sched, x0, xt, t, out["mean"], out["log_variance"], decoder_log_scale)
     if loss_type == "vlb":
         terms["loss"] = T * terms["vb"]
     else:
@@ -362,11 +388,12 @@ def training_losses(sched: Schedule, model_fn: ModelFn, x0, t, noise, *, paramet
 
 
 def calc_bpd_loop(sched: Schedule, model_fn: ModelFn, x0, rng: chex.PRNGKey, *, parameterization: str = "eps",
-                  variance: str = "fixed_small", clip_denoised: bool = False) -> dict:
+                  variance: str = "fixed_small", clip_denoised: bool = False, decoder_log_scale=None) -> dict:
     """The whole negative ELBO per example, every one of the T terms, in bits/dim.
 
     One lax.scan over t = T-1 .. 0 (compiles once for any T): each step draws x_t ~ q(x_t | x_0)
-    with a fresh key fold_in(rng, t) and evaluates L_{t-1} (L_0 at t = 0).
+    with a fresh key fold_in(rng, t) and evaluates L_{t-1} (L_0 at t = 0). decoder_log_scale: a
+    learned t = 0 decoder's log std (see vb_terms_bpd); None for the model's variance.
 
     Returns:
       dict of total_bpd [B] = prior_bpd + sum_t vb, prior_bpd [B], vb [B, T], xstart_mse [B, T]
@@ -381,7 +408,7 @@ def calc_bpd_loop(sched: Schedule, model_fn: ModelFn, x0, rng: chex.PRNGKey, *, 
         noise = jax.random.normal(jax.random.fold_in(rng, t_scalar), x0.shape, x0.dtype)
         xt = q_sample(sched, x0, t, noise)
         out = p_mean_variance(sched, model_fn(xt, t), xt, t, parameterization, variance, clip_denoised)
-        vb = vb_terms_bpd(sched, x0, xt, t, out["mean"], out["log_variance"])
+        vb = vb_terms_bpd(sched, x0, xt, t, out["mean"], out["log_variance"], decoder_log_scale)
         eps = predict_eps_from_x0(sched, xt, t, out["pred_x0"])
         return None, (vb, mean_flat((out["pred_x0"] - x0) ** 2), mean_flat((eps - noise) ** 2))
 
@@ -394,13 +421,14 @@ def calc_bpd_loop(sched: Schedule, model_fn: ModelFn, x0, rng: chex.PRNGKey, *, 
 
 
 def bpd_estimate(sched: Schedule, model_fn: ModelFn, x0, rng: chex.PRNGKey, *, num_strata: int = 20,
-                 parameterization: str = "eps", variance: str = "fixed_small") -> dict:
+                 parameterization: str = "eps", variance: str = "fixed_small", decoder_log_scale=None) -> dict:
     """An unbiased, stratified estimate of the whole bound per example in bits/dim, at num_strata + 1
     network calls instead of calc_bpd_loop's T (VDM likewise reports a Monte Carlo estimate over t).
 
     The decoder term L_0 and the prior are exact; t = 1..T-1 is cut into `num_strata` contiguous
     strata, and each contributes (its size) x L_{t-1} at one t drawn uniformly inside it (per
     example). With num_strata >= T - 1 every stratum is one step and this is the full sum.
+    decoder_log_scale: a learned t = 0 decoder's log std (see vb_terms_bpd); None for the model's.
 
     Returns:
       dict of [B] arrays: total_bpd = prior_bpd + decoder_bpd + diffusion_bpd (the last estimated).
@@ -412,7 +440,7 @@ def bpd_estimate(sched: Schedule, model_fn: ModelFn, x0, rng: chex.PRNGKey, *, n
     def term(t, key):
         xt = q_sample(sched, x0, t, jax.random.normal(key, x0.shape, x0.dtype))
         out = p_mean_variance(sched, model_fn(xt, t), xt, t, parameterization, variance)
-        return vb_terms_bpd(sched, x0, xt, t, out["mean"], out["log_variance"])
+        return vb_terms_bpd(sched, x0, xt, t, out["mean"], out["log_variance"], decoder_log_scale)
 
     prior = prior_bpd(sched, x0)
     decoder = term(jnp.zeros((batch,), jnp.int32), jax.random.fold_in(rng, 0))

@@ -151,7 +151,8 @@ def schedule_tables(signal_scale, noise_std, betas=None, xp=np) -> dict:
     With xp=np (fixed schedules) everything is float64 and checked; with xp=jax.numpy the same
     formulas are traced, so a learned schedule gets gradients through every table.
     """
-    dtype = np.float64 if xp is np else jnp.float32
+    # Traced tables keep their inputs' precision: float32, or float64 under jax_enable_x64 (gradient checks).
+    dtype = np.float64 if xp is np else jnp.result_type(jnp.asarray(signal_scale), jnp.asarray(noise_std), jnp.float32)
     a = xp.asarray(signal_scale, dtype)
     s = xp.asarray(noise_std, dtype)
     a_prev = xp.concatenate([xp.ones(1, dtype), a[:-1]])

@@ -1,5 +1,15 @@
 """The discrete DDPM (Ho et al. 2020; Improved DDPM's variances and losses), on a fixed schedule or
-on a learned one (VDM's monotone network, whose parameters live beside the UNet's)."""
+on a learned one (VDM's monotone network, whose parameters live beside the UNet's).
+
+Options beside the paper's (config.diffusion; each default is the paper's setting):
+  decoder = "learned": the t = 0 decoder's log std is a parameter per channel, started at the fixed
+    decoder's value and trained on every step by L_0 on a small sub-batch at t = 0, with the mean and
+    the schedule stop-gradiented (one extra forward on decoder_batch examples, no backward through
+    the network); the bound uses it.
+  prior_loss = True: the prior L_T joins the training loss (for a learned schedule: the loss is then
+    the bound, and L_T keeps gamma_1 up).
+  condition_on = "log_snr": the network sees log SNR_t mapped onto [0, T - 1] instead of t.
+"""
 
 from __future__ import annotations
 
@@ -8,6 +18,8 @@ import functools
 import jax
 import jax.numpy as jnp
 import ml_collections
+import numpy as np
+from absl import logging
 
 from ddpm_jax import checks, diffusion, sampling, schedules, timesteps
 from ddpm_jax.errors import ConfigError
@@ -16,6 +28,36 @@ from ddpm_jax.models import learned_schedule
 from ddpm_jax.models.unet import create_model as create_unet
 
 LEARNED_VARIANCES = ("learned", "learned_range")
+DECODERS = ("fixed", "learned")
+CONDITIONINGS = ("index", "log_snr")
+# The learned decoder's L_0 enters the loss with this weight and zero value (w * (L - stop_gradient(L))):
+# its gradient reaches only the decoder scale, and Adam's step for that one parameter does not depend on
+# the weight, while a small weight keeps it out of the global-norm clip that scales the network's step.
+DECODER_LOSS_WEIGHT = 1e-3
+# config.diffusion fields newer than the first runs: an older config.json (load_run, resume) lacks them.
+FIELD_DEFAULTS = {"decoder": "fixed", "decoder_batch": 16, "condition_on": "index", "prior_loss": False}
+
+
+def _field(diffusion_config: ml_collections.ConfigDict, name: str):
+    return diffusion_config.get(name, FIELD_DEFAULTS[name])
+
+
+def log_snr_condition(log_snr, log_snr_first, log_snr_last):
+    """What the network sees with condition_on='log_snr': log SNR_t mapped affinely onto the index range,
+    log_snr_first -> 0 and log_snr_last -> T - 1, so the sinusoidal embedding keeps its frequencies.
+
+    The map is fixed (a fixed schedule's own end points; a learned schedule's initial ones), so when a
+    learned schedule moves, the network sees each step at its noise level, not at its index.
+    """
+    num_timesteps = log_snr.shape[-1]
+    if num_timesteps == 1 or log_snr_first == log_snr_last:
+        return 0.0 * log_snr
+    return (num_timesteps - 1) * (log_snr_first - log_snr) / (log_snr_first - log_snr_last)
+
+
+def decoder_noise(keys, shape) -> jax.Array:
+    """Each example's draw of x_1's noise for the learned decoder's L_0, from fold_in(its key, 2)."""
+    return jax.vmap(lambda k: jax.random.normal(jax.random.fold_in(k, 2), shape))(keys)
 
 
 class DDPM(Method):
@@ -29,14 +71,29 @@ class DDPM(Method):
         self.num_timesteps = d.num_timesteps
         self.parameterization, self.variance, self.loss_type = d.parameterization, d.variance, d.loss_type
         self.learned_schedule = d.schedule == learned_schedule.LEARNED
+        self.decoder, self.decoder_batch = _field(d, "decoder"), _field(d, "decoder_batch")
+        self.condition_on, self.prior_loss = _field(d, "condition_on"), bool(_field(d, "prior_loss"))
+        decoder_channels = config.data.channels if self.decoder == "learned" else 0
         out_channels = config.data.channels * (2 if d.variance in LEARNED_VARIANCES else 1)
         unet = create_unet(config.model, config.data.image_size, out_channels)
+        # _init_model makes the parameters of the paper's setting (the same draws whatever the options);
+        # self.model adds the learned decoder's parameter to them.
         if self.learned_schedule:
             gamma_0, gamma_1 = learned_schedule.initial_gamma_range(d.num_timesteps, d.learned_init)
-            self.model, self._fixed_schedule = learned_schedule.LearnedScheduleModel(
-                unet, d.num_timesteps, gamma_0, gamma_1), None
+            self._init_model = learned_schedule.DiffusionModel(unet, d.num_timesteps, gamma_0, gamma_1)
+            self.model = learned_schedule.DiffusionModel(unet, d.num_timesteps, gamma_0, gamma_1, decoder_channels)
+            self._fixed_schedule, self._log_snr_ends = None, (-gamma_0, -gamma_1)
         else:
-            self.model, self._fixed_schedule = unet, schedules.make_schedule(d.schedule, d.num_timesteps)
+            self._fixed_schedule = schedules.make_schedule(d.schedule, d.num_timesteps)
+            self._init_model = unet
+            self.model = (learned_schedule.DiffusionModel(unet, d.num_timesteps, decoder_channels=decoder_channels)
+                          if decoder_channels else unet)
+        self._fixed_condition = None
+        if self.condition_on == "log_snr" and self._fixed_schedule is not None:
+            a = np.asarray(self._fixed_schedule.sqrt_alphas_cumprod, np.float64)
+            s = np.asarray(self._fixed_schedule.sqrt_one_minus_alphas_cumprod, np.float64)
+            log_snr = 2.0 * (np.log(a) - np.log(s))
+            self._fixed_condition = jnp.asarray(log_snr_condition(log_snr, log_snr[0], log_snr[-1]), jnp.float32)
 
     @classmethod
     def validate(cls, config: ml_collections.ConfigDict) -> None:
@@ -62,6 +119,17 @@ class DDPM(Method):
                        "'importance' weighs t by the bound's terms: use it with loss_type 'vlb', 'hybrid' or 'weighted'.")
         checks.require(not (diff.schedule == "ve" and diff.parameterization == "v"), "diffusion.parameterization",
                        "'v' is defined for variance-preserving schedules; use 'eps' or 'x0' with 've'.")
+        checks.one_of(_field(diff, "decoder"), DECODERS, "diffusion.decoder")
+        checks.one_of(_field(diff, "condition_on"), CONDITIONINGS, "diffusion.condition_on")
+        prior_loss, decoder_batch = _field(diff, "prior_loss"), _field(diff, "decoder_batch")
+        checks.require(isinstance(prior_loss, bool), "diffusion.prior_loss", f"must be True or False, got {prior_loss!r}.")
+        checks.require(checks.is_int(decoder_batch) and decoder_batch >= 1, "diffusion.decoder_batch",
+                       f"must be a positive integer (the examples per device whose L_0 at t = 0 trains the learned "
+                       f"decoder's scale on every step), got {decoder_batch!r}.")
+        if diff.schedule == learned_schedule.LEARNED:
+            advice = cls.learned_schedule_advice(config)
+            if advice:
+                logging.warning("diffusion.schedule='learned': %s", " ".join(advice))
         for field in ("ch", "num_res_blocks", "num_groups"):
             checks.positive_int(m, field, "model")
         ch_mult_ok = isinstance(m.ch_mult, (tuple, list)) and len(m.ch_mult) >= 1
@@ -77,14 +145,48 @@ class DDPM(Method):
         except ValueError as e:
             raise ConfigError(str(e)) from None
 
+    @staticmethod
+    def learned_schedule_advice(config: ml_collections.ConfigDict) -> list[str]:
+        """What a learned schedule needs that the config leaves out (validate logs it)."""
+        diff, advice = config.diffusion, []
+        if _field(diff, "decoder") != "learned":
+            advice.append("Its fixed t = 0 decoder has the variance of step 1's posterior, which the schedule sets "
+                          "through beta_1 (a learned one starts with it far narrower than the noise x_1 carries), "
+                          "and L_0 then grows with the square of the network's error: set diffusion.decoder='learned'.")
+        if not _field(diff, "prior_loss"):
+            advice.append("Without the prior L_T the training loss is not a bound, and nothing keeps gamma_1 up: "
+                          "set diffusion.prior_loss=True.")
+        if _field(diff, "condition_on") != "log_snr":
+            advice.append("The network sees the step index, whose noise level moves as the schedule learns: "
+                          "set diffusion.condition_on='log_snr'.")
+        return advice
+
     # ------------------------------------------------------------------ parameters
     def init_params(self, rng):
         x, t = jnp.zeros((1,) + self.image_shape), jnp.zeros((1,), jnp.int32)
         if self.learned_schedule:
-            init = functools.partial(self.model.init, method="init_all")
+            init = functools.partial(self._init_model.init, method="init_all")
         else:
-            init = functools.partial(self.model.init, train=False)
-        return jax.jit(init)(rng, x, t)["params"]  # jitted: eager init dispatches op by op
+            init = functools.partial(self._init_model.init, train=False)
+        params = jax.jit(init)(rng, x, t)["params"]  # jitted: eager init dispatches op by op
+        if self.decoder != "learned":
+            return params
+        params = dict(params) if self.learned_schedule else {"network": params}
+        log_scale = self._initial_decoder_log_scale(params)
+        return {**params, learned_schedule.DECODER_PARAM: learned_schedule.decoder_param_value(log_scale)}
+
+    def _initial_decoder_log_scale(self, params) -> jnp.ndarray:
+        """[C] the fixed decoder's log std at t = 0 (for a learned variance, fixed_small's) on the
+        schedule `params` (without the decoder's) start with: where the learned decoder starts."""
+        if self._fixed_schedule is not None:
+            sched = self._fixed_schedule
+        else:
+            sched = learned_schedule.schedule_from_params(self._init_model.apply, params)
+        variance = "fixed_small" if self.variance in LEARNED_VARIANCES else self.variance
+        channels = self.image_shape[-1]
+        log_var = diffusion.model_log_variance(sched, None, jnp.zeros((1, channels)), jnp.zeros((1,), jnp.int32),
+                                               variance)
+        return 0.5 * log_var[0]
 
     def init_loss_history(self):
         if self.config.diffusion.timestep_sampler == "importance":
@@ -97,12 +199,32 @@ class DDPM(Method):
             return self._fixed_schedule
         return learned_schedule.schedule_from_params(self.apply_fn, params)
 
+    def decoder_log_scale(self, params):
+        """[C] the learned t = 0 decoder's log std (pass it to the core's bound functions as
+        decoder_log_scale); None for the fixed decoder (the model's variance at t = 0)."""
+        if self.decoder != "learned":
+            return None
+        return self.apply_fn({"params": params}, method="decoder_log_scale")
+
     def describe(self) -> dict:
-        return {"parameterization": self.parameterization, "variance": self.variance}
+        return {"parameterization": self.parameterization, "variance": self.variance, "decoder": self.decoder,
+                "condition_on": self.condition_on}
+
+    def _condition(self, params):
+        """[T] what the network sees for each t with condition_on='log_snr'; None: t itself."""
+        if self.condition_on != "log_snr":
+            return None
+        if self._fixed_schedule is not None:
+            return self._fixed_condition
+        return log_snr_condition(self.apply_fn({"params": params}, method="log_snr"), *self._log_snr_ends)
 
     def _model_fn(self, params, train: bool = False, dropout_rng=None):
         rngs = {"dropout": dropout_rng} if train else None
-        return lambda x, t: self.apply_fn({"params": params}, x, t, train=train, rngs=rngs)
+        apply = lambda x, t: self.apply_fn({"params": params}, x, t, train=train, rngs=rngs)
+        condition = self._condition(params)
+        if condition is None:
+            return apply
+        return lambda x, t: apply(x, condition[t])
 
     def model_fn(self, params):
         return self._model_fn(params)
@@ -111,12 +233,35 @@ class DDPM(Method):
     def draw_training_inputs(self, keys, x, loss_history, *, position=None):
         t, weights = timesteps.sample_timesteps(jax.vmap(lambda k: jax.random.fold_in(k, 0))(keys),
                                                 self.num_timesteps, loss_history)
-        return {"t": t, "weights": weights, "noise": example_noise(keys, x.shape[1:])}
+        inputs = {"t": t, "weights": weights, "noise": example_noise(keys, x.shape[1:])}
+        if self.decoder == "learned":
+            inputs["noise_0"] = decoder_noise(keys, x.shape[1:])
+        return inputs
 
     def loss_terms(self, params, x, inputs, *, train=False, dropout_rng=None):
-        return diffusion.training_losses(self.schedule(params), self._model_fn(params, train, dropout_rng), x,
-                                         inputs["t"], inputs["noise"], parameterization=self.parameterization,
-                                         variance=self.variance, loss_type=self.loss_type)
+        sched, scale = self.schedule(params), self.decoder_log_scale(params)
+        # The learned decoder scale learns only from the dense term below, not from the few draws of t = 0.
+        terms = diffusion.training_losses(sched, self._model_fn(params, train, dropout_rng), x,
+                                          inputs["t"], inputs["noise"], parameterization=self.parameterization,
+                                          variance=self.variance, loss_type=self.loss_type,
+                                          decoder_log_scale=None if scale is None else jax.lax.stop_gradient(scale))
+        if scale is not None:
+            decoder = jnp.mean(self._decoder_bpd(params, sched, scale, x, inputs["noise_0"]))
+            terms["decoder_bpd"] = jnp.broadcast_to(jax.lax.stop_gradient(decoder), x.shape[:1])
+            terms["loss"] = terms["loss"] + DECODER_LOSS_WEIGHT * (decoder - jax.lax.stop_gradient(decoder))
+        if self.prior_loss:
+            terms["prior_bpd"] = diffusion.prior_bpd(sched, x)
+            terms["loss"] = terms["loss"] + terms["prior_bpd"]
+        return terms
+
+    def _decoder_bpd(self, params, sched, scale, x, noise_0):
+        """L_0 [k] on the first decoder_batch examples at t = 0: the mean and the schedule stop-gradiented
+        (the network runs forward only, in eval mode), so its gradient reaches only the decoder scale."""
+        k = min(self.decoder_batch, x.shape[0])
+        frozen = jax.lax.stop_gradient(params)
+        return diffusion.decoder_bpd(jax.lax.stop_gradient(sched), self._model_fn(frozen), x[:k], noise_0[:k],
+                                     parameterization=self.parameterization, variance=self.variance,
+                                     decoder_log_scale=scale)
 
     def update_loss_history(self, history, inputs, terms, gather):
         return timesteps.update_loss_history(history, gather(inputs["t"]), gather(jax.lax.stop_gradient(terms["vb"])))
@@ -124,13 +269,17 @@ class DDPM(Method):
     # ------------------------------------------------------------------ evaluation
     def eval_terms(self, params, x, keys, rng):
         t, _ = timesteps.sample_timesteps(keys, self.num_timesteps)
-        terms = self.loss_terms(params, x, {"t": t, "noise": example_noise(keys, x.shape[1:])})
+        inputs = {"t": t, "noise": example_noise(keys, x.shape[1:])}
+        if self.decoder == "learned":
+            inputs["noise_0"] = decoder_noise(keys, x.shape[1:])
+        terms = self.loss_terms(params, x, inputs)
         terms["bpd_est"] = self.bound_terms(params, x, keys, rng,
                                             num_strata=self.config.training.bpd_estimate_strata)["total_bpd"]
         return terms
 
     def bound_terms(self, params, x, keys, rng, *, num_strata):
-        kw = dict(parameterization=self.parameterization, variance=self.variance)
+        kw = dict(parameterization=self.parameterization, variance=self.variance,
+                  decoder_log_scale=self.decoder_log_scale(params))
         sched, model_fn = self.schedule(params), self.model_fn(params)
         if num_strata:
             return diffusion.bpd_estimate(sched, model_fn, x, rng, num_strata=num_strata, **kw)

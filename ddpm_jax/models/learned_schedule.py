@@ -10,6 +10,9 @@ gamma_1 = gamma_0 + softplus(.) > gamma_0. Step t = 0..T-1 of the discrete chain
 tau = (t + 1) / T. The parameters live beside the UNet's in the train state, so they are
 optimised, averaged by the EMA and checkpointed with it; the exact bound (loss_type 'vlb')
 is what trains them.
+
+`DiffusionModel` holds the network with what is learned beside it: the schedule, and the t = 0
+decoder's log-scale (config.diffusion.decoder = "learned", with a fixed or a learned schedule).
 """
 
 from __future__ import annotations
@@ -72,16 +75,32 @@ def initial_gamma_range(num_timesteps: int, init_schedule: str = "linear") -> tu
     return float(gamma[0]), float(gamma[-1])
 
 
-class LearnedScheduleModel(nn.Module):
-    """The score network plus a learned schedule; `__call__` is the network's, `log_snr` the schedule's."""
+DECODER_PARAM = "decoder_log_scale"  # the learned t = 0 decoder's parameter, beside "network" (and "gamma")
+# The decoder's log std is DECODER_RATE * param: Adam moves a parameter by about lr per step, and the
+# log-scale must move by ~1 (a factor e) within a few hundred steps at lr 1e-3. A power of two, so that
+# the initial value (today's decoder, divided by it) comes back exactly.
+DECODER_RATE = 16.0
+
+
+class DiffusionModel(nn.Module):
+    """The score network plus what a DDPM may learn beside it.
+
+    `__call__` is the network's. With gamma_0 and gamma_1 set, a learned schedule (`log_snr`; its
+    parameters under "gamma"); with decoder_channels > 0, the t = 0 decoder's learned log std per
+    channel (`decoder_log_scale`; its parameter DECODER_PARAM, initialised by the method).
+    """
 
     network: nn.Module
     num_timesteps: int
-    gamma_0: float
-    gamma_1: float
+    gamma_0: float | None = None
+    gamma_1: float | None = None
+    decoder_channels: int = 0
 
     def setup(self):
-        self.gamma = MonotoneGamma(self.gamma_0, self.gamma_1)
+        if self.gamma_0 is not None:
+            self.gamma = MonotoneGamma(self.gamma_0, self.gamma_1)
+        if self.decoder_channels:
+            self.decoder_param = self.param(DECODER_PARAM, nn.initializers.zeros, (self.decoder_channels,))
 
     def __call__(self, x, t, train: bool = False):
         return self.network(x, t, train=train)
@@ -91,9 +110,26 @@ class LearnedScheduleModel(nn.Module):
         tau = (jnp.arange(self.num_timesteps, dtype=jnp.float32) + 1.0) / self.num_timesteps
         return -self.gamma(tau)
 
+    def decoder_log_scale(self) -> jnp.ndarray:
+        """[C] the t = 0 decoder's log standard deviation."""
+        return DECODER_RATE * self.decoder_param
+
     def init_all(self, x, t):
-        """Touches both parts so `init` creates every parameter."""
-        return self(x, t), self.log_snr()
+        """Touches every part so `init` creates every parameter."""
+        out = [self(x, t)]
+        if self.gamma_0 is not None:
+            out.append(self.log_snr())
+        if self.decoder_channels:
+            out.append(self.decoder_log_scale())
+        return tuple(out)
+
+
+LearnedScheduleModel = DiffusionModel  # the learned schedule's model: DiffusionModel(network, T, gamma_0, gamma_1)
+
+
+def decoder_param_value(log_scale) -> jnp.ndarray:
+    """The DECODER_PARAM value whose decoder log std is `log_scale` (exact: DECODER_RATE is a power of 2)."""
+    return jnp.asarray(log_scale) / DECODER_RATE
 
 
 def schedule_from_params(apply_fn, params) -> schedules.Schedule:
