@@ -45,8 +45,10 @@ def main(argv):
     try:
         results = loop.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
     except KeyboardInterrupt:
-        sys.exit(f"error: interrupted twice; stopped without saving. The last complete checkpoint in "
-                 f"{_WORKDIR.value} is kept: run the same command again to resume from it.")
+        sys.exit(
+            f"error: interrupted twice; stopped without saving. The last complete checkpoint in "
+            f"{_WORKDIR.value} is kept: run the same command again to resume from it."
+        )
     if "stopped_at" in results:
         if distributed.is_main_process():
             print(f"To resume: {shlex.join([sys.executable] + sys.argv)}")

@@ -28,6 +28,7 @@ import numpy as np  # noqa: E402
 
 def get_config(name: str, batch: int | None = None, dtype: str | None = None):
     from configs import cifar10, default
+
     cfg = {"default": default, "cifar10": cifar10}[name].get_config()
     if batch is not None:
         cfg.training.batch_size = batch
@@ -59,11 +60,23 @@ def _memory(compiled) -> dict:
         return {"error": repr(e)}
     if m is None:
         return {}
-    out = {k: int(getattr(m, k)) for k in ("argument_size_in_bytes", "output_size_in_bytes",
-                                           "alias_size_in_bytes", "temp_size_in_bytes",
-                                           "generated_code_size_in_bytes") if hasattr(m, k)}
-    out["peak_estimate_mb"] = (out.get("argument_size_in_bytes", 0) + out.get("output_size_in_bytes", 0)
-                               - out.get("alias_size_in_bytes", 0) + out.get("temp_size_in_bytes", 0)) / 2**20
+    out = {
+        k: int(getattr(m, k))
+        for k in (
+            "argument_size_in_bytes",
+            "output_size_in_bytes",
+            "alias_size_in_bytes",
+            "temp_size_in_bytes",
+            "generated_code_size_in_bytes",
+        )
+        if hasattr(m, k)
+    }
+    out["peak_estimate_mb"] = (
+        out.get("argument_size_in_bytes", 0)
+        + out.get("output_size_in_bytes", 0)
+        - out.get("alias_size_in_bytes", 0)
+        + out.get("temp_size_in_bytes", 0)
+    ) / 2**20
     return out
 
 
@@ -77,9 +90,15 @@ def device_peak_mb() -> float | None:
 
 def env_info() -> dict:
     d = jax.local_devices()[0]
-    info = {"jax": jax.__version__, "backend": jax.default_backend(), "device_kind": d.device_kind,
-            "num_devices": jax.local_device_count(), "python": platform.python_version(),
-            "cpu_count": os.cpu_count(), "xla_flags": os.environ.get("XLA_FLAGS", "")}
+    info = {
+        "jax": jax.__version__,
+        "backend": jax.default_backend(),
+        "device_kind": d.device_kind,
+        "num_devices": jax.local_device_count(),
+        "python": platform.python_version(),
+        "cpu_count": os.cpu_count(),
+        "xla_flags": os.environ.get("XLA_FLAGS", ""),
+    }
     for mod in ("flax", "optax", "chex", "jaxlib"):
         try:
             info[mod] = __import__(mod).__version__
@@ -110,8 +129,18 @@ def timed_calls(fn, n: int, *, carry=None, between=None):
     return times, carry
 
 
-def bench_train(cfg, *, steps: int, warmup: int = 2, seed: int = 0, host_batch_steps: int = 0,
-                between=None, pipelined: bool = False, trace_dir: str | None = None, trace_steps: int = 3) -> dict:
+def bench_train(
+    cfg,
+    *,
+    steps: int,
+    warmup: int = 2,
+    seed: int = 0,
+    host_batch_steps: int = 0,
+    between=None,
+    pipelined: bool = False,
+    trace_dir: str | None = None,
+    trace_steps: int = 3,
+) -> dict:
     """The pmapped train_step (train_lib.make_pmapped_steps) on a synthetic global batch.
 
     Compiles ahead of time (lower + compile, timed), then runs `warmup` untimed and `steps` timed
@@ -186,15 +215,26 @@ def bench_train(cfg, *, steps: int, warmup: int = 2, seed: int = 0, host_batch_s
     med = statistics.median(times)
     flops_step = cost.get("flops")  # XLA counts the per-device program
     return {
-        "config": cfg.data.dataset, "model_dtype": cfg.model.dtype, "global_batch": gb, "devices": ndev,
+        "config": cfg.data.dataset,
+        "model_dtype": cfg.model.dtype,
+        "global_batch": gb,
+        "devices": ndev,
         "params": int(sum(x.size for x in jax.tree_util.tree_leaves(state.params))),
-        "init_s": init_s, "lower_s": t1 - t0, "compile_s": t2 - t1,
-        "step_times_s": times, "step_median_s": med, "step_min_s": min(times),
-        "steps_per_s": 1.0 / med, "images_per_s": gb / med, "images_per_s_best": gb / min(times),
+        "init_s": init_s,
+        "lower_s": t1 - t0,
+        "compile_s": t2 - t1,
+        "step_times_s": times,
+        "step_median_s": med,
+        "step_min_s": min(times),
+        "steps_per_s": 1.0 / med,
+        "images_per_s": gb / med,
+        "images_per_s_best": gb / min(times),
         "train_step_flops_per_device": flops_step,
         "train_step_flops_per_image": None if flops_step is None else flops_step * ndev / gb,
         "train_step_bytes_accessed": cost.get("bytes accessed"),
-        "xla_memory": mem, "device_peak_mb": device_peak_mb(), "maxrss_mb": maxrss_mb(),
+        "xla_memory": mem,
+        "device_peak_mb": device_peak_mb(),
+        "maxrss_mb": maxrss_mb(),
         "final_loss": loss,
         "host_batch_step_times_s": host_times,
         "host_batch_first_s": host_first_s if host_batch_steps else None,
@@ -243,9 +283,13 @@ def matmul_gflops(n: int = 2048, reps: int = 10, dtype=jnp.float32) -> dict:
     f = jax.jit(jnp.dot)
     jax.block_until_ready(f(a, b))
     times, _ = timed_calls(lambda: f(a, b), reps)
-    return {"n": n, "dtype": str(jnp.dtype(dtype)), "median_s": statistics.median(times),
-            "gflops": 2 * n**3 / statistics.median(times) / 1e9,
-            "gflops_best": 2 * n**3 / min(times) / 1e9}
+    return {
+        "n": n,
+        "dtype": str(jnp.dtype(dtype)),
+        "median_s": statistics.median(times),
+        "gflops": 2 * n**3 / statistics.median(times) / 1e9,
+        "gflops_best": 2 * n**3 / min(times) / 1e9,
+    }
 
 
 _PARAMS: dict = {}
@@ -255,8 +299,12 @@ def random_params(model, size: int, ch: int, seed: int = 0):
     """Random UNet params drawn on the host (no compile: a jitted init took ~30 s to compile on the
     H200, the eager one minutes on CPU). Kernels ~ N(0, 1/fan_in), GroupNorm scales 1 + noise, biases
     small noise, so every layer (the zero-initialised ones too) carries non-zero activations."""
-    shapes = jax.eval_shape(functools.partial(model.init, train=False), jax.random.PRNGKey(0),
-                            jnp.zeros((1, size, size, ch)), jnp.zeros((1,), jnp.int32))["params"]
+    shapes = jax.eval_shape(
+        functools.partial(model.init, train=False),
+        jax.random.PRNGKey(0),
+        jnp.zeros((1, size, size, ch)),
+        jnp.zeros((1,), jnp.int32),
+    )["params"]
     rng = np.random.default_rng(seed)
 
     def draw(path, s):
@@ -273,8 +321,9 @@ def random_params(model, size: int, ch: int, seed: int = 0):
     return jax.tree_util.tree_map_with_path(draw, shapes)
 
 
-def bench_sampling(cfg, *, n: int, t_steps: int, ddim_steps: int | None = 50, reps: int = 1,
-                   ddim_n: int | None = None) -> dict:
+def bench_sampling(
+    cfg, *, n: int, t_steps: int, ddim_steps: int | None = 50, reps: int = 1, ddim_n: int | None = None
+) -> dict:
     """Ancestral sample_loop (T = t_steps) vs the same T network evaluations alone, and DDIM.
 
     The schedule is rebuilt with t_steps timesteps (a cheaper stand-in for T = 1000: the per-step
@@ -288,8 +337,15 @@ def bench_sampling(cfg, *, n: int, t_steps: int, ddim_steps: int | None = 50, re
     model = create_model(cfg.model, cfg.data.image_size, train_lib.model_out_channels(cfg))
     size, ch = cfg.data.image_size, cfg.data.channels
     shape = (n, size, size, ch)
-    key = (cfg.model.ch, tuple(cfg.model.ch_mult), cfg.model.num_res_blocks, tuple(cfg.model.attn_resolutions),
-           cfg.model.num_groups, size, ch)  # params are float32 whatever the compute dtype: init once
+    key = (
+        cfg.model.ch,
+        tuple(cfg.model.ch_mult),
+        cfg.model.num_res_blocks,
+        tuple(cfg.model.attn_resolutions),
+        cfg.model.num_groups,
+        size,
+        ch,
+    )  # params are float32 whatever the compute dtype: init once
     if key not in _PARAMS:
         _PARAMS[key] = random_params(model, size, ch)
     params = _PARAMS[key]
@@ -300,13 +356,21 @@ def bench_sampling(cfg, *, n: int, t_steps: int, ddim_steps: int | None = 50, re
         return train_lib.model_fn_for(model.apply, p)
 
     def ancestral(p, rng):
-        return sampling.sample_loop(sched, model_fn_of(p), shape, rng, parameterization=dcfg.parameterization,
-                                    variance=dcfg.variance, clip_denoised=cfg.sampling.clip_denoised)["samples"]
+        return sampling.sample_loop(
+            sched,
+            model_fn_of(p),
+            shape,
+            rng,
+            parameterization=dcfg.parameterization,
+            variance=dcfg.variance,
+            clip_denoised=cfg.sampling.clip_denoised,
+        )["samples"]
 
     def net_alone(p, x, steps):
         def body(x, tt):
             out = model.apply({"params": p}, x, jnp.full((x.shape[0],), tt, jnp.int32), train=False)
             return (0.9 * x + 0.1 * out[..., :ch]).astype(x.dtype), None
+
         return jax.lax.scan(body, x, jnp.arange(steps - 1, -1, -1, dtype=jnp.int32))[0]
 
     res = {"n": n, "T": t_steps}
@@ -334,12 +398,20 @@ def bench_sampling(cfg, *, n: int, t_steps: int, ddim_steps: int | None = 50, re
         return jnp.concatenate([0.5 * x] * reps_out, axis=-1)
 
     def sampler_trivial(rng):
-        return sampling.sample_loop(sched, trivial_net, shape, rng, parameterization=dcfg.parameterization,
-                                    variance=dcfg.variance, clip_denoised=cfg.sampling.clip_denoised)["samples"]
+        return sampling.sample_loop(
+            sched,
+            trivial_net,
+            shape,
+            rng,
+            parameterization=dcfg.parameterization,
+            variance=dcfg.variance,
+            clip_denoised=cfg.sampling.clip_denoised,
+        )["samples"]
 
     def scan_trivial(x):
         def body(x, tt):
             return 0.9 * x + 0.1 * trivial_net(x, tt)[..., :ch], None
+
         return jax.lax.scan(body, x, jnp.arange(t_steps - 1, -1, -1, dtype=jnp.int32))[0]
 
     run("sampler_trivial", sampler_trivial, rng, n_reps=max(reps, 5))
@@ -357,9 +429,16 @@ def bench_sampling(cfg, *, n: int, t_steps: int, ddim_steps: int | None = 50, re
         full = schedules.make_schedule(dcfg.schedule, dcfg.num_timesteps)
 
         def ddim(p, rng):
-            return sampling.ddim_sample_loop(full, model_fn_of(p), dshape, rng, num_steps=ddim_steps, eta=0.0,
-                                             parameterization=dcfg.parameterization,
-                                             clip_denoised=cfg.sampling.clip_denoised)["samples"]
+            return sampling.ddim_sample_loop(
+                full,
+                model_fn_of(p),
+                dshape,
+                rng,
+                num_steps=ddim_steps,
+                eta=0.0,
+                parameterization=dcfg.parameterization,
+                clip_denoised=cfg.sampling.clip_denoised,
+            )["samples"]
 
         run("ddim", ddim, params, rng)
         res["ddim_n"], res["ddim_steps"] = dn, ddim_steps
@@ -376,8 +455,11 @@ def copy_bandwidth(n_bytes: int = 1 << 30, reps: int = 10) -> dict:
     f = jax.jit(lambda x: x + 1.0)
     jax.block_until_ready(f(x))
     times, _ = timed_calls(lambda: f(x), reps)
-    return {"bytes": 2 * n_bytes, "median_s": statistics.median(times),
-            "gb_per_s": 2 * n_bytes / statistics.median(times) / 1e9}
+    return {
+        "bytes": 2 * n_bytes,
+        "median_s": statistics.median(times),
+        "gb_per_s": 2 * n_bytes / statistics.median(times) / 1e9,
+    }
 
 
 def dump(path: str, obj) -> None:

@@ -31,9 +31,15 @@ REFUSE_LIMIT_S = 5.0
 
 
 def _command(workdir: str, steps: int, checkpoint_every: int) -> list[str]:
-    return [sys.executable, "train.py", "--config=configs/default.py:runlocal",
-            f"--config.training.num_train_steps={steps}", f"--config.training.checkpoint_every={checkpoint_every}",
-            "--config.training.final_bpd=False", f"--workdir={workdir}"]
+    return [
+        sys.executable,
+        "train.py",
+        "--config=configs/default.py:runlocal",
+        f"--config.training.num_train_steps={steps}",
+        f"--config.training.checkpoint_every={checkpoint_every}",
+        "--config.training.final_bpd=False",
+        f"--workdir={workdir}",
+    ]
 
 
 def _lock_pid(workdir: str) -> int | None:
@@ -63,8 +69,13 @@ def _metrics(workdir: str) -> dict:
                     torn += 1
     seen = collections.Counter((r.get("step"), tuple(sorted(r))) for r in records)
     train_steps = [r["step"] for r in records if "loss" in r]
-    return {"records": len(records), "torn_lines": torn, "duplicate_steps": sum(n - 1 for n in seen.values() if n > 1),
-            "train_log_steps": len(train_steps), "last_logged_step": max(train_steps, default=0)}
+    return {
+        "records": len(records),
+        "torn_lines": torn,
+        "duplicate_steps": sum(n - 1 for n in seen.values() if n > 1),
+        "train_log_steps": len(train_steps),
+        "last_logged_step": max(train_steps, default=0),
+    }
 
 
 def _tail(path: str, n: int = 15) -> str:
@@ -80,8 +91,9 @@ def measure(workdir: str, steps: int, checkpoint_every: int, env: dict, logs: st
     try:
         while _lock_pid(workdir) != first.pid:
             if first.poll() is not None:
-                raise SystemExit(f"the first run exited (rc {first.returncode}) before it took the lock:\n"
-                                 f"{_tail(err1.name)}")
+                raise SystemExit(
+                    f"the first run exited (rc {first.returncode}) before it took the lock:\n{_tail(err1.name)}"
+                )
             if time.monotonic() - t0 > 300:
                 raise SystemExit("the first run did not take the lock within 300 s")
             time.sleep(0.05)
@@ -147,16 +159,20 @@ def main() -> None:
     finally:
         if not args.keep:
             shutil.rmtree(tmp, ignore_errors=True)
-    result.update(machine=f"{platform.machine()}, {os.cpu_count()} CPUs, Python {platform.python_version()}",
-                  workdir_kept=tmp if args.keep else None,
-                  checks={"second refused (exit != 0)": result["second_exit_code"] != 0,
-                          f"refused in < {REFUSE_LIMIT_S:.0f} s": result["second_refused_within_limit"],
-                          "no traceback in the second's stderr": not result["second_traceback"],
-                          "the first kept its lock": result["lock_still_first_after_second"],
-                          "first exit 0": result["first_exit_code"] == 0,
-                          "0 duplicate steps in metrics.jsonl": result["metrics"]["duplicate_steps"] == 0,
-                          "no Orbax tmp folders left": not result["orbax_tmp_leftovers"],
-                          "run.lock removed at the end": result["lock_removed_at_end"]})
+    result.update(
+        machine=f"{platform.machine()}, {os.cpu_count()} CPUs, Python {platform.python_version()}",
+        workdir_kept=tmp if args.keep else None,
+        checks={
+            "second refused (exit != 0)": result["second_exit_code"] != 0,
+            f"refused in < {REFUSE_LIMIT_S:.0f} s": result["second_refused_within_limit"],
+            "no traceback in the second's stderr": not result["second_traceback"],
+            "the first kept its lock": result["lock_still_first_after_second"],
+            "first exit 0": result["first_exit_code"] == 0,
+            "0 duplicate steps in metrics.jsonl": result["metrics"]["duplicate_steps"] == 0,
+            "no Orbax tmp folders left": not result["orbax_tmp_leftovers"],
+            "run.lock removed at the end": result["lock_removed_at_end"],
+        },
+    )
 
     m, c = result["metrics"], result["checkpoint_steps"]
     rows = [
@@ -171,7 +187,10 @@ def main() -> None:
         ("first run: checkpoint steps", f"{c} (Orbax keeps the last 3)" if c else "none"),
         ("Orbax tmp folders left", result["orbax_tmp_leftovers"] or "none"),
         ("run.lock removed at the end", result["lock_removed_at_end"]),
-        ("metrics.jsonl records / train logs", f"{m['records']} / {m['train_log_steps']} (last step {m['last_logged_step']})"),
+        (
+            "metrics.jsonl records / train logs",
+            f"{m['records']} / {m['train_log_steps']} (last step {m['last_logged_step']})",
+        ),
         ("metrics.jsonl duplicate steps", m["duplicate_steps"]),
     ]
     width = max(len(k) for k, _ in rows)

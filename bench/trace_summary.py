@@ -59,8 +59,13 @@ def kernel_kind(name: str) -> str:
         return "conv (other cuDNN)"
     if "nvjet" in low or "gemm" in low or "cutlass" in low:
         return "gemm (dense, attention)"
-    for key, kind in (("transpose", "transpose fusion"), ("reduce", "reduction fusion"),
-                      ("concatenate", "concatenate"), ("memcpy", "memcpy"), ("memset", "memset")):
+    for key, kind in (
+        ("transpose", "transpose fusion"),
+        ("reduce", "reduction fusion"),
+        ("concatenate", "concatenate"),
+        ("memcpy", "memcpy"),
+        ("memset", "memset"),
+    ):
         if key in low:
             return kind
     return "elementwise (loop) fusion" if low.startswith("loop_") else "other"
@@ -75,10 +80,17 @@ def summarize(path: str, steps: int = 1, top: int = 30) -> dict:
     for (pid, tid), evs in by_thread.items():
         start = min(e["ts"] for e in evs)
         end = max(e["ts"] + e["dur"] for e in evs)
-        lines.append({"process": procs.get(pid, str(pid)), "thread": threads.get((pid, tid), str(tid)),
-                      "events": len(evs), "sum_ms": sum(e["dur"] for e in evs) / 1e3,
-                      "busy_ms": union_us([(e["ts"], e["ts"] + e["dur"]) for e in evs]) / 1e3,
-                      "span_ms": (end - start) / 1e3, "key": (pid, tid)})
+        lines.append(
+            {
+                "process": procs.get(pid, str(pid)),
+                "thread": threads.get((pid, tid), str(tid)),
+                "events": len(evs),
+                "sum_ms": sum(e["dur"] for e in evs) / 1e3,
+                "busy_ms": union_us([(e["ts"], e["ts"] + e["dur"]) for e in evs]) / 1e3,
+                "span_ms": (end - start) / 1e3,
+                "key": (pid, tid),
+            }
+        )
     lines.sort(key=lambda r: -r["busy_ms"])
     # The kernels: GPU stream threads if there are any (not the derived "XLA Ops"/"Modules" lines).
     device = [r for r in lines if "gpu" in r["process"].lower() and "stream" in r["thread"].lower()]
@@ -89,9 +101,13 @@ def summarize(path: str, steps: int = 1, top: int = 30) -> dict:
     if kernels:
         span = (max(e["ts"] + e["dur"] for e in kernels) - min(e["ts"] for e in kernels)) / 1e3
         busy = union_us([(e["ts"], e["ts"] + e["dur"]) for e in kernels]) / 1e3
-        out.update(kernels_per_step=len(kernels) / steps, span_ms_per_step=span / steps,
-                   busy_ms_per_step=busy / steps, busy_pct_of_span=100.0 * busy / span if span else None,
-                   mean_kernel_us=1e3 * busy / len(kernels))
+        out.update(
+            kernels_per_step=len(kernels) / steps,
+            span_ms_per_step=span / steps,
+            busy_ms_per_step=busy / steps,
+            busy_pct_of_span=100.0 * busy / span if span else None,
+            mean_kernel_us=1e3 * busy / len(kernels),
+        )
     ms, calls = collections.Counter(), collections.Counter()  # keyed by ("name", name) and ("kind", kind)
     for e in kernels:
         for key in (("name", e["name"]), ("kind", kernel_kind(e["name"]))):
@@ -110,11 +126,20 @@ def summarize(path: str, steps: int = 1, top: int = 30) -> dict:
     first = kernels[: len(kernels) // steps] if kernels else []
     convs = [i for i, e in enumerate(first) if kernel_kind(e["name"]).startswith("conv")]
     if convs:
-        bounds = {"before first conv": first[:convs[0]], "forward + backward": first[convs[0]:convs[-1] + 1],
-                  "after last conv": first[convs[-1] + 1:]}
-        out["phases"] = [{"phase": k, "kernels": len(v), "busy_ms": sum(e["dur"] for e in v) / 1e3,
-                          "span_ms": (v[-1]["ts"] + v[-1]["dur"] - v[0]["ts"]) / 1e3 if v else 0.0}
-                         for k, v in bounds.items()]
+        bounds = {
+            "before first conv": first[: convs[0]],
+            "forward + backward": first[convs[0] : convs[-1] + 1],
+            "after last conv": first[convs[-1] + 1 :],
+        }
+        out["phases"] = [
+            {
+                "phase": k,
+                "kernels": len(v),
+                "busy_ms": sum(e["dur"] for e in v) / 1e3,
+                "span_ms": (v[-1]["ts"] + v[-1]["dur"] - v[0]["ts"]) / 1e3 if v else 0.0,
+            }
+            for k, v in bounds.items()
+        ]
     out["threads"] = [{k: v for k, v in r.items() if k != "key"} for r in lines[:12]]
     return out
 
@@ -122,16 +147,22 @@ def summarize(path: str, steps: int = 1, top: int = 30) -> dict:
 def print_summary(s: dict) -> None:
     print("threads (busiest first): events, summed ms, busy ms, span ms")
     for r in s["threads"]:
-        print(f"  {r['process'][:40]:40s} {r['thread'][:40]:40s} {r['events']:7d} {r['sum_ms']:9.1f} "
-              f"{r['busy_ms']:9.1f} {r['span_ms']:9.1f}")
+        print(
+            f"  {r['process'][:40]:40s} {r['thread'][:40]:40s} {r['events']:7d} {r['sum_ms']:9.1f} "
+            f"{r['busy_ms']:9.1f} {r['span_ms']:9.1f}"
+        )
     if "busy_ms_per_step" in s:
-        print(f"device kernels per step: {s['kernels_per_step']:.0f}, busy {s['busy_ms_per_step']:.2f} ms of a "
-              f"{s['span_ms_per_step']:.2f} ms span ({s['busy_pct_of_span']:.1f}%), "
-              f"mean kernel {s['mean_kernel_us']:.1f} us")
+        print(
+            f"device kernels per step: {s['kernels_per_step']:.0f}, busy {s['busy_ms_per_step']:.2f} ms of a "
+            f"{s['span_ms_per_step']:.2f} ms span ({s['busy_pct_of_span']:.1f}%), "
+            f"mean kernel {s['mean_kernel_us']:.1f} us"
+        )
     for r in s.get("by_kind", []):
         print(f"  {r['ms_per_step']:8.2f} ms/step {r['calls_per_step']:7.0f} kernels  {r['kind']}")
     for r in s.get("phases", []):
-        print(f"  phase {r['phase']:20s} {r['kernels']:6d} kernels, busy {r['busy_ms']:.2f} ms, span {r['span_ms']:.2f} ms")
+        print(
+            f"  phase {r['phase']:20s} {r['kernels']:6d} kernels, busy {r['busy_ms']:.2f} ms, span {r['span_ms']:.2f} ms"
+        )
     print("top kernels:")
     for r in s["top"]:
         print(f"  {r['ms_per_step']:8.2f} ms/step {r['calls_per_step']:5.0f} calls  {r['name'][:110]}")

@@ -42,7 +42,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     # by L_0 on decoder_batch examples per device at t = 0 on every step (mean stop-gradiented; one extra forward).
     config.diffusion.decoder = "fixed"
     config.diffusion.decoder_batch = 16
-    config.diffusion.prior_loss = False  # True: the prior L_T joins the loss (a learned schedule: the loss is the bound)
+    config.diffusion.prior_loss = (
+        False  # True: the prior L_T joins the loss (a learned schedule: the loss is the bound)
+    )
     config.diffusion.condition_on = "index"  # or "log_snr": the network sees log SNR_t mapped onto [0, T - 1]
 
     config.training = ml_collections.ConfigDict()
@@ -51,7 +53,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.training.ema_decay = 0.998
     config.training.log_every = 50
     config.training.eval_every = 500  # test-split loss
-    config.training.sample_every = 100000  # intermediate sample grids (PNG) from EMA params; the final one is always drawn
+    config.training.sample_every = (
+        100000  # intermediate sample grids (PNG) from EMA params; the final one is always drawn
+    )
     config.training.checkpoint_every = 500
     config.training.keep_checkpoints = 3
     config.training.final_bpd = True  # the test bound in bits/dim at the end

@@ -22,20 +22,34 @@ import csv
 import importlib.util
 import json
 import os
-import sys
 import time
 
 import ml_collections
 import numpy as np
-from absl import app, flags
+from absl import flags
 
 from ddpm_jax import cli, configuration, fileio
-from ddpm_jax.configuration import load_config_file, lookup_field
+from ddpm_jax.configuration import load_config_file
 from ddpm_jax.errors import ConfigError
 
 CELL_FILE = "cell.json"
-COLUMNS = ("cell", "total_bpd", "total_bpd_se", "decoder_bpd", "diffusion_bpd", "prior_bpd", "recon_bpd", "kl_bpd",
-           "fd", "fd_floor", "classifier_score", "final_train_loss", "steps", "train_time_s", "overrides")
+COLUMNS = (
+    "cell",
+    "total_bpd",
+    "total_bpd_se",
+    "decoder_bpd",
+    "diffusion_bpd",
+    "prior_bpd",
+    "recon_bpd",
+    "kl_bpd",
+    "fd",
+    "fd_floor",
+    "classifier_score",
+    "final_train_loss",
+    "steps",
+    "train_time_s",
+    "overrides",
+)
 
 
 def load_grid(path: str) -> dict:
@@ -50,8 +64,10 @@ def load_grid(path: str) -> dict:
     except Exception as e:  # noqa: BLE001 - the user's grid file
         raise ConfigError(f"--grid={path}: loading it failed ({type(e).__name__}: {e}).") from e
     if not isinstance(grid, dict) or not isinstance(grid.get("cells"), dict) or not grid["cells"]:
-        raise ConfigError(f"--grid={path}: get_grid() must return a dict with a non-empty 'cells' dict "
-                          "(cell name -> {dotted config field: value}).")
+        raise ConfigError(
+            f"--grid={path}: get_grid() must return a dict with a non-empty 'cells' dict "
+            "(cell name -> {dotted config field: value})."
+        )
     for name in grid["cells"]:
         if not name or os.sep in name or name.startswith("."):
             raise ConfigError(f"--grid={path}: cell name {name!r} must be a plain folder name.")
@@ -70,8 +86,17 @@ def cell_config(grid: dict, name: str, extra: dict | None = None) -> ml_collecti
     return config
 
 
-def run_cell(grid: dict, name: str, cells_dir: str, *, extra: dict | None = None, quality: bool = True,
-             num_samples: int = 500, sampler: str = "respaced", num_steps: int = 100) -> dict | None:
+def run_cell(
+    grid: dict,
+    name: str,
+    cells_dir: str,
+    *,
+    extra: dict | None = None,
+    quality: bool = True,
+    num_samples: int = 500,
+    sampler: str = "respaced",
+    num_steps: int = 100,
+) -> dict | None:
     """Trains and scores one cell in <cells_dir>/<name> (or reads its finished row); None when pre-empted.
 
     A cell folder belongs to one config: the same name with another config is an error, not a reuse.
@@ -84,8 +109,10 @@ def run_cell(grid: dict, name: str, cells_dir: str, *, extra: dict | None = None
     done = os.path.join(workdir, CELL_FILE)
     saved = checkpoint.load_config(workdir, required=False) if os.path.isdir(workdir) else None
     if saved is not None and configuration.digest(saved) != digest:
-        raise ConfigError(f"cell {name!r}: {workdir} holds a run of another config (another grid, or the grid or "
-                          "--set changed). Give the cell another name, or delete that folder to rerun it.")
+        raise ConfigError(
+            f"cell {name!r}: {workdir} holds a run of another config (another grid, or the grid or "
+            "--set changed). Give the cell another name, or delete that folder to rerun it."
+        )
     if os.path.exists(done):
         with open(done) as f:
             return json.load(f)
@@ -93,17 +120,28 @@ def run_cell(grid: dict, name: str, cells_dir: str, *, extra: dict | None = None
     results = loop.train_and_evaluate(config, workdir)
     if "stopped_at" in results:
         return None
-    row = {"cell": name, "steps": results["step"], "train_time_s": round(time.time() - start, 1),
-           "overrides": json.dumps(grid["cells"][name], sort_keys=True), "config_digest": digest}
+    row = {
+        "cell": name,
+        "steps": results["step"],
+        "train_time_s": round(time.time() - start, 1),
+        "overrides": json.dumps(grid["cells"][name], sort_keys=True),
+        "config_digest": digest,
+    }
     row.update({k: v for k, v in results.items() if k.endswith("_bpd") or k == "total_bpd_se"})
     records = [r for r in fileio.read_jsonl(os.path.join(workdir, "metrics.jsonl")) if "loss" in r]
     if records:
         row["final_train_loss"] = records[-1]["loss"]
     if quality:
-        scored = evaluate.evaluate_workdir(workdir, bpd=False, quality=True, num_samples=num_samples,
-                                           sampler=sampler, num_steps=num_steps)
-        row.update({k: scored[k] for k in ("fd", "fd_floor", "classifier_score", "classifier_score_test", "sampler")
-                    if k in scored})
+        scored = evaluate.evaluate_workdir(
+            workdir, bpd=False, quality=True, num_samples=num_samples, sampler=sampler, num_steps=num_steps
+        )
+        row.update(
+            {
+                k: scored[k]
+                for k in ("fd", "fd_floor", "classifier_score", "classifier_score_test", "sampler")
+                if k in scored
+            }
+        )
     fileio.atomic_write_json(done, row)
     return row
 
@@ -112,8 +150,9 @@ def histogram_row(config: ml_collections.ConfigDict) -> dict:
     """The independent-pixel histogram baseline's row (digits: fitted on train, scored on test)."""
     from ddpm_jax import baselines, evaluation
 
-    bpd = baselines.pixel_histogram_bpd(evaluation.load_split(config, config.data.train_split),
-                                        evaluation.load_split(config, config.data.eval_split))
+    bpd = baselines.pixel_histogram_bpd(
+        evaluation.load_split(config, config.data.train_split), evaluation.load_split(config, config.data.eval_split)
+    )
     return {"cell": "baseline: pixel histogram", "total_bpd": bpd, "overrides": "independent per-pixel categorical"}
 
 
@@ -138,8 +177,9 @@ def write_tables(rows: list[dict], out: str) -> tuple[str, str]:
     return csv_path, md_path
 
 
-def plot_vs_step(cells: list[str], cells_dir: str, path: str, key: str, ylabel: str, title: str,
-                 final_key: str | None = None) -> str | None:
+def plot_vs_step(
+    cells: list[str], cells_dir: str, path: str, key: str, ylabel: str, title: str, final_key: str | None = None
+) -> str | None:
     """metrics.jsonl's `key` against step, one curve per cell (log y); `final_key`'s last value, if
     given, as a marker at its step. Returns the path, or None when no cell has the key."""
     import matplotlib
@@ -175,17 +215,31 @@ def plot_vs_step(cells: list[str], cells_dir: str, path: str, key: str, ylabel: 
 
 def plot_grid_curves(cells: list[str], cells_dir: str, out: str) -> list[str]:
     """<out>/bpd_vs_step.png (the test bound) and <out>/loss_vs_step.png (the train loss)."""
-    made = [plot_vs_step(cells, cells_dir, os.path.join(out, "bpd_vs_step.png"), "test_bpd_est",
-                         "test bound [bits/dim]",
-                         "test bound: lines, 20-strata estimate at each eval; dots, the final bound",
-                         final_key="test_total_bpd"),
-            plot_vs_step(cells, cells_dir, os.path.join(out, "loss_vs_step.png"), "loss",
-                         "train loss (the logged step's batch)", "train loss at each log step")]
+    made = [
+        plot_vs_step(
+            cells,
+            cells_dir,
+            os.path.join(out, "bpd_vs_step.png"),
+            "test_bpd_est",
+            "test bound [bits/dim]",
+            "test bound: lines, 20-strata estimate at each eval; dots, the final bound",
+            final_key="test_total_bpd",
+        ),
+        plot_vs_step(
+            cells,
+            cells_dir,
+            os.path.join(out, "loss_vs_step.png"),
+            "loss",
+            "train loss (the logged step's batch)",
+            "train loss at each log step",
+        ),
+    ]
     return [p for p in made if p]
 
 
-def run_grid(grid_path: str, out: str, *, extra: dict | None = None, only: list[str] | None = None,
-             **cell_kwargs) -> list[dict] | None:
+def run_grid(
+    grid_path: str, out: str, *, extra: dict | None = None, only: list[str] | None = None, **cell_kwargs
+) -> list[dict] | None:
     """Runs (or resumes) every cell of the grid in <out>/cells/<cell>, then writes the tables and the
     plot to <out>/<grid name>/; returns the rows, or None when pre-empted (run the same command again)."""
     from ddpm_jax.validation import validate_config
@@ -242,19 +296,32 @@ def parse_set(items: list[str]) -> dict:
 def cli_main() -> None:
     """The command line (flags are defined here, not at import, so the library imports cleanly)."""
     _GRID = flags.DEFINE_string("grid", None, "A grid file (configs/ablations/*.py).")
-    _OUT = flags.DEFINE_string("out", "runs/ablations", "Root of the sweeps: <out>/cells/<cell> (one workdir per "
-                               "cell, shared by the grids) and <out>/<grid>/results.md.")
+    _OUT = flags.DEFINE_string(
+        "out",
+        "runs/ablations",
+        "Root of the sweeps: <out>/cells/<cell> (one workdir per "
+        "cell, shared by the grids) and <out>/<grid>/results.md.",
+    )
     _ONLY = flags.DEFINE_list("only", None, "Run only these cells (comma-separated names).")
-    _SET = flags.DEFINE_multi_string("set", [], "Extra override for every cell, field=value (a Python literal), "
-                                     "e.g. --set=training.num_train_steps=600.")
+    _SET = flags.DEFINE_multi_string(
+        "set",
+        [],
+        "Extra override for every cell, field=value (a Python literal), e.g. --set=training.num_train_steps=600.",
+    )
     _QUALITY = flags.DEFINE_bool("quality", True, "Score sample quality (Fréchet distance) for every cell.")
     _NUM = flags.DEFINE_integer("num_samples", 500, "Samples per cell for the Fréchet distance.", lower_bound=2)
 
     def main(argv):
         if not _GRID.value:
             raise ConfigError("--grid is required, e.g. --grid=configs/ablations/schedules.py")
-        run_grid(_GRID.value, _OUT.value, extra=parse_set(_SET.value), only=_ONLY.value, quality=_QUALITY.value,
-                 num_samples=_NUM.value)
+        run_grid(
+            _GRID.value,
+            _OUT.value,
+            extra=parse_set(_SET.value),
+            only=_ONLY.value,
+            quality=_QUALITY.value,
+            num_samples=_NUM.value,
+        )
 
     cli.run(main)
 

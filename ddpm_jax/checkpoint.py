@@ -37,11 +37,16 @@ def checkpoint_dir(workdir: str) -> str:
 
 def make_manager(workdir: str, max_to_keep: int = 3, *, read_only: bool = False) -> ocp.CheckpointManager:
     """The workdir's CheckpointManager; read_only for readers (sample.py) beside a running training."""
-    options = ocp.CheckpointManagerOptions(max_to_keep=None if read_only else max_to_keep, create=not read_only,
-                                           cleanup_tmp_directories=not read_only, read_only=read_only)
+    options = ocp.CheckpointManagerOptions(
+        max_to_keep=None if read_only else max_to_keep,
+        create=not read_only,
+        cleanup_tmp_directories=not read_only,
+        read_only=read_only,
+    )
     # The handler registered up front lets `item_metadata` read the stored shapes before a restore.
-    return ocp.CheckpointManager(checkpoint_dir(workdir), options=options,
-                                 item_handlers=ocp.StandardCheckpointHandler())
+    return ocp.CheckpointManager(
+        checkpoint_dir(workdir), options=options, item_handlers=ocp.StandardCheckpointHandler()
+    )
 
 
 def save(mngr: ocp.CheckpointManager, state, *, force: bool = False) -> bool:
@@ -103,8 +108,10 @@ def _disk_full_as_error(mngr: ocp.CheckpointManager, step):
 
 def _disk_full(where: str, doing: str, complete: list[int]) -> CheckpointError:
     kept = f"the last complete checkpoint (step {max(complete)}) is kept" if complete else "no checkpoint is complete"
-    return CheckpointError(f"no space left on the device of {where} while {doing}: {kept}. Free space there (or "
-                           "pass a --workdir on another disk) and run the same command again to resume.")
+    return CheckpointError(
+        f"no space left on the device of {where} while {doing}: {kept}. Free space there (or "
+        "pass a --workdir on another disk) and run the same command again to resume."
+    )
 
 
 def disk_full_error(workdir: str, e: BaseException) -> CheckpointError | None:
@@ -114,8 +121,7 @@ def disk_full_error(workdir: str, e: BaseException) -> CheckpointError | None:
     where = checkpoint_dir(workdir)
     complete = sorted(int(n) for n in os.listdir(where) if n.isdigit()) if os.path.isdir(where) else []
     name = getattr(e, "filename", None)
-    return _disk_full(os.path.abspath(workdir), f"writing {name}" if name else "writing its logs or pictures",
-                      complete)
+    return _disk_full(os.path.abspath(workdir), f"writing {name}" if name else "writing its logs or pictures", complete)
 
 
 def _path_key(path) -> str:
@@ -139,10 +145,15 @@ def _shape_mismatches(stored, target) -> list[str]:
 
 
 def _damaged(where: str, e: Exception, older: list[int]) -> CheckpointError:
-    fallback = (f"Delete that folder to resume from the previous checkpoint (step {older[-1]})" if older
-                else "Delete that folder to start afresh")
-    return CheckpointError(f"the checkpoint {where} is damaged or incomplete and cannot be read "
-                           f"({type(e).__name__}: {str(e)[:300]}). {fallback}, or train into a new --workdir.")
+    fallback = (
+        f"Delete that folder to resume from the previous checkpoint (step {older[-1]})"
+        if older
+        else "Delete that folder to start afresh"
+    )
+    return CheckpointError(
+        f"the checkpoint {where} is damaged or incomplete and cannot be read "
+        f"({type(e).__name__}: {str(e)[:300]}). {fallback}, or train into a new --workdir."
+    )
 
 
 def restore_latest(mngr: ocp.CheckpointManager, target):
@@ -175,7 +186,8 @@ def restore_latest(mngr: ocp.CheckpointManager, target):
     if mismatches:
         raise CheckpointError(
             f"the checkpoint {where} was made for another model or image size: {'; '.join(mismatches[:3])}. "
-            "Train into a new --workdir, or use the config the checkpoint was trained with.")
+            "Train into a new --workdir, or use the config the checkpoint was trained with."
+        )
     try:
         return jax.device_get(mngr.restore(step, args=ocp.args.StandardRestore(target)))
     except Exception as e:  # noqa: BLE001
@@ -189,20 +201,25 @@ def _host_target(target):
     return jax.tree_util.tree_map(lambda x: jax.ShapeDtypeStruct(np.shape(x), dtype(x), sharding=cpu), target)
 
 
-def check_compatible(saved: ml_collections.ConfigDict, config: ml_collections.ConfigDict, workdir: str,
-                     frozen_fields) -> None:
+def check_compatible(
+    saved: ml_collections.ConfigDict, config: ml_collections.ConfigDict, workdir: str, frozen_fields
+) -> None:
     """Raises CheckpointError if `config` changes one of `frozen_fields` (the sections and fields that
     fix the shapes or the meaning of a checkpoint: the method's `frozen_fields`) of the run in workdir.
     Everything else (steps, lr, logging) may change between a run and its resume."""
     old, new = configuration.flatten(saved), configuration.flatten(config)
     frozen = lambda k: any(k == f"config.{f}" or k.startswith(f"config.{f}.") for f in frozen_fields)
-    diffs = [f"{k}={old[k]!r} in the checkpoint, {new[k]!r} now" for k in sorted(set(old) & set(new))
-             if frozen(k) and old[k] != new[k]]  # fields both know
+    diffs = [
+        f"{k}={old[k]!r} in the checkpoint, {new[k]!r} now"
+        for k in sorted(set(old) & set(new))
+        if frozen(k) and old[k] != new[k]
+    ]  # fields both know
     if diffs:
         raise CheckpointError(
             f"{os.path.abspath(workdir)} holds a run trained with another model or image size: {'; '.join(diffs[:4])}"
             f"{' ...' if len(diffs) > 4 else ''}. Pass the run's values (see {os.path.join(workdir, CONFIG_FILE)}) "
-            "to resume it, or train into a new --workdir.")
+            "to resume it, or train into a new --workdir."
+        )
 
 
 def save_config(workdir: str, config: ml_collections.ConfigDict) -> None:
@@ -215,8 +232,9 @@ def load_config(workdir: str, *, required: bool = True) -> ml_collections.Config
     if not os.path.exists(path):
         if not required:
             return None
-        raise CheckpointError(f"no training run in {workdir!r} ({CONFIG_FILE} is missing): pass the --workdir "
-                              "that train.py wrote to.")
+        raise CheckpointError(
+            f"no training run in {workdir!r} ({CONFIG_FILE} is missing): pass the --workdir that train.py wrote to."
+        )
     try:
         with open(path) as f:
             tree = json.load(f)
@@ -224,8 +242,10 @@ def load_config(workdir: str, *, required: bool = True) -> ml_collections.Config
             raise ValueError(f"it holds {json.dumps(tree)[:40]}, not a JSON object of config sections")
         return ml_collections.ConfigDict(_lists_to_tuples(tree))
     except (OSError, ValueError) as e:
-        raise CheckpointError(f"{path} cannot be read ({type(e).__name__}: {e}): restore it from a backup, or "
-                              "pass the run's config explicitly to train.py, which rewrites it.") from e
+        raise CheckpointError(
+            f"{path} cannot be read ({type(e).__name__}: {e}): restore it from a backup, or "
+            "pass the run's config explicitly to train.py, which rewrites it."
+        ) from e
 
 
 def _lists_to_tuples(tree):

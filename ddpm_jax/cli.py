@@ -48,15 +48,20 @@ def _explain_flag_error(message: str, config: ml_collections.ConfigDict | None) 
             value = lookup_field(config, m.group(1))
         except ConfigError:
             return message
-        return (f"{message}. config.{m.group(1)} holds a value of type {type(value).__name__} (default {value!r}); "
-                "pass one of that type.")
+        return (
+            f"{message}. config.{m.group(1)} holds a value of type {type(value).__name__} (default {value!r}); "
+            "pass one of that type."
+        )
     m = re.search(r"of field config\.([\w.]+) is not supported for overriding", message)
     if m:
-        tfds_hint = (" (for data_dir, the TFDS_DATA_DIR environment variable works too)"
-                     if m.group(1) == "data.data_dir" else "")
-        return (f"--config.{m.group(1)} cannot be set from the command line: its default is None, whose type "
-                "ml_collections cannot override. Give it a typed default in the config file, e.g. "
-                f"ml_collections.config_dict.placeholder(str){tfds_hint}.")
+        tfds_hint = (
+            " (for data_dir, the TFDS_DATA_DIR environment variable works too)" if m.group(1) == "data.data_dir" else ""
+        )
+        return (
+            f"--config.{m.group(1)} cannot be set from the command line: its default is None, whose type "
+            "ml_collections cannot override. Give it a typed default in the config file, e.g. "
+            f"ml_collections.config_dict.placeholder(str){tfds_hint}."
+        )
     m = re.search(r"flag --(\w+)=", message)
     if m and m.group(1) in flags.FLAGS:
         flag = flags.FLAGS[m.group(1)]
@@ -83,8 +88,10 @@ def flags_parser(config_default: str | None = None):
         except UserError as e:
             sys.exit(f"error: {e}")
         except (AttributeError, KeyError, TypeError, ValueError, OSError) as e:  # ml_collections' own, last resort
-            sys.exit(f"error: bad command line {' '.join(argv[1:])!r} ({type(e).__name__}: {e}). "
-                     "Check the --config.* names against the config file.")
+            sys.exit(
+                f"error: bad command line {' '.join(argv[1:])!r} ({type(e).__name__}: {e}). "
+                "Check the --config.* names against the config file."
+            )
 
     return parse
 
@@ -118,8 +125,10 @@ def run(main, config_default: str | None = None) -> None:
         except OSError as e:  # a full disk where no layer below said more (sample.py's and evaluate's outputs)
             if e.errno not in (errno.ENOSPC, errno.EDQUOT):
                 raise
-            sys.exit(f"error: no space left{f' for {e.filename}' if e.filename else ''} ({e.strerror}): free space "
-                     "there, or write elsewhere.")
+            sys.exit(
+                f"error: no space left{f' for {e.filename}' if e.filename else ''} ({e.strerror}): free space "
+                "there, or write elsewhere."
+            )
 
     xla_flags.configure()  # before anything creates a JAX backend
     app.run(checked_main, flags_parser=flags_parser(config_default))

@@ -17,8 +17,10 @@ def load_config_file(spec: str) -> ml_collections.ConfigDict:
     """Loads `path[:arg]` the way --config does (get_config(arg)), with a clear error."""
     path, _, arg = spec.partition(":")
     if not os.path.isfile(path):
-        raise ConfigError(f"--config={spec}: no such file {path!r}. Use a file in configs/ (default.py, mnist.py, "
-                          "cifar10.py), optionally with ':runlocal' for the tiny test config.")
+        raise ConfigError(
+            f"--config={spec}: no such file {path!r}. Use a file in configs/ (default.py, mnist.py, "
+            "cifar10.py), optionally with ':runlocal' for the tiny test config."
+        )
     module_spec = importlib.util.spec_from_file_location("_ddpm_jax_config_check", path)
     module = importlib.util.module_from_spec(module_spec)
     try:
@@ -39,8 +41,10 @@ def lookup_field(config: ml_collections.ConfigDict, dotted: str):
         if part not in node:
             close = difflib.get_close_matches(part, list(node.keys()), n=1)
             hint = f" Did you mean {parent}.{close[0]}?" if close else ""
-            raise ConfigError(f"--config.{dotted}: unknown config field {parent}.{part}.{hint} "
-                              f"{parent} has: {', '.join(sorted(node.keys()))}.")
+            raise ConfigError(
+                f"--config.{dotted}: unknown config field {parent}.{part}.{hint} "
+                f"{parent} has: {', '.join(sorted(node.keys()))}."
+            )
         node = node[part]
     return node
 

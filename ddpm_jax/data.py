@@ -16,9 +16,9 @@ TF and GPUs: the entry point (train.py) should call `hide_gpus_from_tf()` (that 
 stays on the CPU and leaves the accelerators' memory to JAX.
 """
 
-from collections.abc import Iterator
 import logging
 import math
+from collections.abc import Iterator
 
 import jax
 import numpy as np
@@ -102,9 +102,7 @@ def _prepare(builder: tfds.core.DatasetBuilder, download: bool) -> None:
         "which needs no download."
     )
     if not download:
-        raise RuntimeError(
-            f"tfds dataset {builder.name!r} is not prepared in {where} and download=False. {advice}"
-        )
+        raise RuntimeError(f"tfds dataset {builder.name!r} is not prepared in {where} and download=False. {advice}")
     try:
         builder.download_and_prepare()
     except Exception as e:  # network, manual-download and missing-package errors alike
@@ -118,8 +116,10 @@ def check_data_dir(data_dir: str | None) -> None:
     """errors.DataError (a RuntimeError) if data_dir is set but is not a folder; train_and_evaluate
     calls it before it touches the workdir or builds anything."""
     if data_dir and not tf.io.gfile.isdir(data_dir):
-        raise DataError(f"config.data.data_dir={data_dir!r} does not exist: pass the folder that holds the "
-                        "prepared tfds datasets (or leave it unset for ~/tensorflow_datasets).")
+        raise DataError(
+            f"config.data.data_dir={data_dir!r} does not exist: pass the folder that holds the "
+            "prepared tfds datasets (or leave it unset for ~/tensorflow_datasets)."
+        )
 
 
 def load_images(
@@ -190,8 +190,11 @@ def _epoch_permutation(position, seed, epoch, num_examples: int):
     row per element, so a batch that straddles epochs is one op.
     """
     rows = tf.stack(
-        [tf.fill(tf.shape(position), tf.constant(_INDEX_SHUFFLE_SEED_PAD, tf.int64)),
-         tf.fill(tf.shape(position), seed), epoch],
+        [
+            tf.fill(tf.shape(position), tf.constant(_INDEX_SHUFFLE_SEED_PAD, tf.int64)),
+            tf.fill(tf.shape(position), seed),
+            epoch,
+        ],
         axis=1,
     )  # [B, 3]
     return tf.raw_ops.RandomIndexShuffle(
@@ -199,8 +202,9 @@ def _epoch_permutation(position, seed, epoch, num_examples: int):
     )
 
 
-def _train_dataset(images: np.ndarray, batch_size: int, seed: int, start_step: int,
-                   random_flip: bool) -> tf.data.Dataset:
+def _train_dataset(
+    images: np.ndarray, batch_size: int, seed: int, start_step: int, random_flip: bool
+) -> tf.data.Dataset:
     """tf.data stream of uint8 [batch_size, H, W, C] batches, element k being step start_step+k."""
     num_examples = len(images)
     images_t = tf.convert_to_tensor(images)  # captured by reference, not embedded in the graph
@@ -308,7 +312,9 @@ def eval_batches(
             padded = np.zeros((local_batch, *images.shape[1:]), np.uint8)
             padded[: len(chunk)] = chunk
             mask = np.arange(local_batch) < len(chunk)
-            yield (scale_images(padded).reshape(num_local_devices, per_device, *images.shape[1:]),
-                   mask.reshape(num_local_devices, per_device))
+            yield (
+                scale_images(padded).reshape(num_local_devices, per_device, *images.shape[1:]),
+                mask.reshape(num_local_devices, per_device),
+            )
 
     return batches()

@@ -44,8 +44,9 @@ def _check_t(sched: Schedule, x: jnp.ndarray, t: jnp.ndarray) -> None:
     if not isinstance(t, jax.core.Tracer):
         t_np = np.asarray(t)
         if t_np.size and (t_np.min() < 0 or t_np.max() >= sched.num_timesteps):
-            raise ValueError(f"timesteps must lie in 0..{sched.num_timesteps - 1}; got values "
-                             f"from {t_np.min()} to {t_np.max()}.")
+            raise ValueError(
+                f"timesteps must lie in 0..{sched.num_timesteps - 1}; got values from {t_np.min()} to {t_np.max()}."
+            )
 
 
 def extract(table: jnp.ndarray, t: jnp.ndarray, shape) -> jnp.ndarray:
@@ -65,6 +66,7 @@ def _bpd(nats: jnp.ndarray) -> jnp.ndarray:
 
 # --- forward process ------------------------------------------------------------------------
 
+
 def q_mean_variance(sched: Schedule, x0, t):
     """Mean, variance and log variance of q(x_t | x_0) = N(a_t x_0, s_t^2 I) (Ho et al. eq. 4)."""
     _check_t(sched, x0, t)
@@ -77,22 +79,24 @@ def q_sample(sched: Schedule, x0, t, noise):
     """Draws x_t ~ q(x_t | x_0) by reparameterization: a_t x_0 + s_t eps."""
     chex.assert_equal_shape([x0, noise])
     _check_t(sched, x0, t)
-    return (extract(sched.sqrt_alphas_cumprod, t, x0.shape) * x0
-            + extract(sched.sqrt_one_minus_alphas_cumprod, t, x0.shape) * noise)
+    return (
+        extract(sched.sqrt_alphas_cumprod, t, x0.shape) * x0
+        + extract(sched.sqrt_one_minus_alphas_cumprod, t, x0.shape) * noise
+    )
 
 
 def q_posterior(sched: Schedule, x0, xt, t):
     """Mean, variance, clipped log variance of q(x_{t-1} | x_t, x_0) (Ho et al. eqs. 6-7)."""
     chex.assert_equal_shape([x0, xt])
     _check_t(sched, xt, t)
-    mean = (extract(sched.posterior_mean_coef1, t, xt.shape) * x0
-            + extract(sched.posterior_mean_coef2, t, xt.shape) * xt)
+    mean = extract(sched.posterior_mean_coef1, t, xt.shape) * x0 + extract(sched.posterior_mean_coef2, t, xt.shape) * xt
     var = jnp.broadcast_to(extract(sched.posterior_variance, t, xt.shape), xt.shape)
     log_var = jnp.broadcast_to(extract(sched.posterior_log_variance_clipped, t, xt.shape), xt.shape)
     return mean, var, log_var
 
 
 # --- conversions between what a network may predict -----------------------------------------
+
 
 def predict_x0_from_eps(sched: Schedule, xt, t, eps):
     """x_0 = (x_t - s_t eps) / a_t (inverts q_sample)."""
@@ -133,8 +137,9 @@ def predict_eps_from_v(sched: Schedule, xt, t, v):
 
 def predict_x0_from_mean(sched: Schedule, xt, t, mean):
     """Inverts the posterior mean: x_0 = (mu - coef2 x_t) / coef1."""
-    return ((mean - extract(sched.posterior_mean_coef2, t, xt.shape) * xt)
-            / extract(sched.posterior_mean_coef1, t, xt.shape))
+    return (mean - extract(sched.posterior_mean_coef2, t, xt.shape) * xt) / extract(
+        sched.posterior_mean_coef1, t, xt.shape
+    )
 
 
 def predict_x0(sched: Schedule, output, xt, t, parameterization: str):
@@ -168,18 +173,22 @@ def mean_per_output(sched: Schedule, xt, t, parameterization: str):
     coef1 = extract(sched.posterior_mean_coef1, t, xt.shape)
     a = extract(sched.sqrt_alphas_cumprod, t, xt.shape)
     s = extract(sched.sqrt_one_minus_alphas_cumprod, t, xt.shape)
-    return {"eps": -coef1 * s / a, "x0": coef1, "v": -coef1 * s / (a**2 + s**2),
-            "mean": jnp.ones_like(coef1)}[parameterization]
+    return {"eps": -coef1 * s / a, "x0": coef1, "v": -coef1 * s / (a**2 + s**2), "mean": jnp.ones_like(coef1)}[
+        parameterization
+    ]
 
 
 # --- reverse process ------------------------------------------------------------------------
+
 
 def split_variance_output(model_output, variance: str):
     """Splits a learned-variance output [..., 2C] into (mean part, variance part)."""
     if variance in ("learned", "learned_range"):
         if model_output.shape[-1] % 2:
-            raise ValueError(f"a learned variance needs an even number of output channels (2C); got "
-                             f"{model_output.shape[-1]}. Set the model's output channels to twice the image channels.")
+            raise ValueError(
+                f"a learned variance needs an even number of output channels (2C); got "
+                f"{model_output.shape[-1]}. Set the model's output channels to twice the image channels."
+            )
         return jnp.split(model_output, 2, axis=-1)
     return model_output, None
 
@@ -204,8 +213,15 @@ def model_log_variance(sched: Schedule, var_output, xt, t, variance: str):
     check_choice("variance", variance, VARIANCES)
 
 
-def p_mean_variance(sched: Schedule, model_output, xt, t, parameterization: str = "eps",
-                    variance: str = "fixed_small", clip_denoised: bool = False) -> dict:
+def p_mean_variance(
+    sched: Schedule,
+    model_output,
+    xt,
+    t,
+    parameterization: str = "eps",
+    variance: str = "fixed_small",
+    clip_denoised: bool = False,
+) -> dict:
     """Mean and variance of p_theta(x_{t-1} | x_t) from a network output.
 
     Args:
@@ -239,10 +255,10 @@ def p_mean_variance(sched: Schedule, model_output, xt, t, parameterization: str 
 
 # --- the variational bound ------------------------------------------------------------------
 
+
 def normal_kl(mean1, logvar1, mean2, logvar2):
     """KL(N(mean1, e^logvar1) || N(mean2, e^logvar2)) elementwise, in nats."""
-    return 0.5 * (-1.0 + logvar2 - logvar1 + jnp.exp(logvar1 - logvar2)
-                  + (mean1 - mean2) ** 2 * jnp.exp(-logvar2))
+    return 0.5 * (-1.0 + logvar2 - logvar1 + jnp.exp(logvar1 - logvar2) + (mean1 - mean2) ** 2 * jnp.exp(-logvar2))
 
 
 def _log_diff_exp(a, b):
@@ -308,8 +324,16 @@ def vb_terms_bpd(sched: Schedule, x0, xt, t, model_mean, model_log_variance, dec
     return jnp.where(t == 0, nll, kl)
 
 
-def decoder_bpd(sched: Schedule, model_fn: ModelFn, x0, noise, *, parameterization: str = "eps",
-                variance: str = "fixed_small", decoder_log_scale=None):
+def decoder_bpd(
+    sched: Schedule,
+    model_fn: ModelFn,
+    x0,
+    noise,
+    *,
+    parameterization: str = "eps",
+    variance: str = "fixed_small",
+    decoder_log_scale=None,
+):
     """L_0 = -log p(x_0 | x_1) per example in bits/dim at x_1 = q_sample(x_0, t = 0, noise): one
     network call. What trains a learned decoder scale on every step (the method stops the gradient
     of the mean and the schedule, so only the scale learns from it)."""
@@ -319,8 +343,18 @@ def decoder_bpd(sched: Schedule, model_fn: ModelFn, x0, noise, *, parameterizati
     return vb_terms_bpd(sched, x0, xt, t, out["mean"], out["log_variance"], decoder_log_scale)
 
 
-def training_losses(sched: Schedule, model_fn: ModelFn, x0, t, noise, *, parameterization: str = "eps",
-                    variance: str = "fixed_small", loss_type: str = "simple", decoder_log_scale=None) -> dict:
+def training_losses(
+    sched: Schedule,
+    model_fn: ModelFn,
+    x0,
+    t,
+    noise,
+    *,
+    parameterization: str = "eps",
+    variance: str = "fixed_small",
+    loss_type: str = "simple",
+    decoder_log_scale=None,
+) -> dict:
     """Per-example training loss and its parts.
 
     Loss types:
@@ -349,8 +383,10 @@ def training_losses(sched: Schedule, model_fn: ModelFn, x0, t, noise, *, paramet
     check_choice("variance", variance, VARIANCES)
     learned = variance in ("learned", "learned_range")
     if learned and loss_type in ("simple", "weighted"):
-        raise ValueError(f"variance={variance!r} is trained only by the bound: use loss_type 'hybrid' or "
-                         f"'vlb', or a fixed variance with loss_type={loss_type!r}.")
+        raise ValueError(
+            f"variance={variance!r} is trained only by the bound: use loss_type 'hybrid' or "
+            f"'vlb', or a fixed variance with loss_type={loss_type!r}."
+        )
     xt = q_sample(sched, x0, t, noise)
     model_output = model_fn(xt, t)
     output, var_output = split_variance_output(model_output, variance)
@@ -369,8 +405,15 @@ def training_losses(sched: Schedule, model_fn: ModelFn, x0, t, noise, *, paramet
         true_log_var = extract(sched.posterior_log_variance_clipped, t, xt.shape)
         var_part = 0.5 * ((log_var - true_log_var) - 1.0 + jnp.exp(true_log_var - log_var))
         weighted = _bpd(omega * (target - output) ** 2 + var_part)
-        decoder = vb_terms_bpd(sched, x0, xt, t, p_mean_variance(sched, model_output, xt, t, parameterization,
-                                                                 variance)["mean"], log_var, decoder_log_scale)
+        decoder = vb_terms_bpd(
+            sched,
+            x0,
+            xt,
+            t,
+            p_mean_variance(sched, model_output, xt, t, parameterization, variance)["mean"],
+            log_var,
+            decoder_log_scale,
+        )
         terms["vb"] = jnp.where(t == 0, decoder, weighted)
         terms["loss"] = T * terms["vb"]
         return terms
@@ -387,8 +430,17 @@ def training_losses(sched: Schedule, model_fn: ModelFn, x0, t, noise, *, paramet
     return terms
 
 
-def calc_bpd_loop(sched: Schedule, model_fn: ModelFn, x0, rng: chex.PRNGKey, *, parameterization: str = "eps",
-                  variance: str = "fixed_small", clip_denoised: bool = False, decoder_log_scale=None) -> dict:
+def calc_bpd_loop(
+    sched: Schedule,
+    model_fn: ModelFn,
+    x0,
+    rng: chex.PRNGKey,
+    *,
+    parameterization: str = "eps",
+    variance: str = "fixed_small",
+    clip_denoised: bool = False,
+    decoder_log_scale=None,
+) -> dict:
     """The whole negative ELBO per example, every one of the T terms, in bits/dim.
 
     One lax.scan over t = T-1 .. 0 (compiles once for any T): each step draws x_t ~ q(x_t | x_0)
@@ -420,8 +472,17 @@ def calc_bpd_loop(sched: Schedule, model_fn: ModelFn, x0, rng: chex.PRNGKey, *, 
     return dict(total_bpd=prior + jnp.sum(vb, axis=1), prior_bpd=prior, vb=vb, xstart_mse=xstart_mse, mse=mse)
 
 
-def bpd_estimate(sched: Schedule, model_fn: ModelFn, x0, rng: chex.PRNGKey, *, num_strata: int = 20,
-                 parameterization: str = "eps", variance: str = "fixed_small", decoder_log_scale=None) -> dict:
+def bpd_estimate(
+    sched: Schedule,
+    model_fn: ModelFn,
+    x0,
+    rng: chex.PRNGKey,
+    *,
+    num_strata: int = 20,
+    parameterization: str = "eps",
+    variance: str = "fixed_small",
+    decoder_log_scale=None,
+) -> dict:
     """An unbiased, stratified estimate of the whole bound per example in bits/dim, at num_strata + 1
     network calls instead of calc_bpd_loop's T (VDM likewise reports a Monte Carlo estimate over t).
 

@@ -78,10 +78,7 @@ class Digits(tfds.core.GeneratorBasedBuilder):
     def _split_generators(self, dl_manager):
         del dl_manager  # nothing to download: the data ships with scikit-learn
         images, labels = digits_uint8()
-        return {
-            split: self._generate_examples(images, labels, idx)
-            for split, idx in digits_split_indices().items()
-        }
+        return {split: self._generate_examples(images, labels, idx) for split, idx in digits_split_indices().items()}
 
     def _generate_examples(self, images, labels, indices):
         for i in indices:

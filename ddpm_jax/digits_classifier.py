@@ -29,8 +29,8 @@ import numpy as np
 import optax
 
 from ddpm_jax import fileio, quality
-from ddpm_jax.pixels import scale_images
 from ddpm_jax.digits_builder import digits_split_indices, digits_uint8
+from ddpm_jax.pixels import scale_images
 
 IMAGE_SHAPE = (8, 8, 1)
 NUM_CLASSES = 10
@@ -43,7 +43,7 @@ _BATCH_SIZE = 128
 _LEARNING_RATE = 1e-3
 _EVAL_BATCH = 256  # fixed apply batch (the last one padded): one compile for any N
 
-_MEMORY_CACHE: dict[tuple[str, int], "Classifier"] = {}
+_MEMORY_CACHE: dict[tuple[str, int], Classifier] = {}
 
 
 class DigitsMLP(nn.Module):
@@ -142,11 +142,16 @@ def _train(seed: int):
     """Trains the classifier from scratch; the same seed gives bitwise the same params."""
     start = time.perf_counter()
     images, labels = digits_split("train")
-    params, losses = _fit(_init_params(seed), jnp.asarray(images), jnp.asarray(labels),
-                          jnp.asarray(_batch_indices(seed, len(images))))
+    params, losses = _fit(
+        _init_params(seed), jnp.asarray(images), jnp.asarray(labels), jnp.asarray(_batch_indices(seed, len(images)))
+    )
     params = jax.device_get(params)
-    logging.info("Trained the digits classifier (seed %d) in %.1f s; final loss %.4f.",
-                 seed, time.perf_counter() - start, float(losses[-1]))
+    logging.info(
+        "Trained the digits classifier (seed %d) in %.1f s; final loss %.4f.",
+        seed,
+        time.perf_counter() - start,
+        float(losses[-1]),
+    )
     return params
 
 
@@ -173,13 +178,16 @@ def _read_params(path: str, seed: int):
         with open(path, "rb") as f:
             params = flax.serialization.from_bytes(template, f.read())
         same = jax.tree.map(
-            lambda a, b: np.shape(a) == np.shape(b) and np.asarray(b).dtype == np.asarray(a).dtype
-            and bool(np.isfinite(b).all()), template, params)
+            lambda a, b: (
+                np.shape(a) == np.shape(b) and np.asarray(b).dtype == np.asarray(a).dtype and bool(np.isfinite(b).all())
+            ),
+            template,
+            params,
+        )
         if not all(jax.tree.leaves(same)):
             raise ValueError("shapes, dtypes or values differ from the model's")
     except Exception as e:  # msgpack errors, structure mismatch, ...: retrain over it
-        logging.warning("Ignoring the damaged classifier cache %s (%s: %s); retraining.",
-                        path, type(e).__name__, e)
+        logging.warning("Ignoring the damaged classifier cache %s (%s: %s); retraining.", path, type(e).__name__, e)
         return None
     return jax.tree.map(np.asarray, params)
 
@@ -234,7 +242,7 @@ def features_and_probs(classifier: Classifier, images) -> tuple[np.ndarray, np.n
     images = np.asarray(images, np.float32)
     feats, probs = [], []
     for start in range(0, len(images), _EVAL_BATCH):
-        chunk = images[start:start + _EVAL_BATCH]
+        chunk = images[start : start + _EVAL_BATCH]
         padded = np.zeros((_EVAL_BATCH, *images.shape[1:]), np.float32)
         padded[: len(chunk)] = chunk
         f, logits = classifier.apply_fn(classifier.params, padded)
@@ -259,19 +267,21 @@ def _check_samples(samples) -> np.ndarray:
     if x.ndim != 4 or x.shape[1:] != IMAGE_SHAPE or x.shape[0] < 2:
         raise ValueError(f"digits_sample_quality: {expected}; got shape {x.shape}.")
     if not np.issubdtype(x.dtype, np.floating):
-        raise ValueError(f"digits_sample_quality: {expected}; got dtype {x.dtype} (uint8 pixels? "
-                         "map them with ddpm_jax.data.scale_images).")
+        raise ValueError(
+            f"digits_sample_quality: {expected}; got dtype {x.dtype} (uint8 pixels? "
+            "map them with ddpm_jax.data.scale_images)."
+        )
     x = x.astype(np.float32)
     if not np.isfinite(x).all():
         raise ValueError(f"digits_sample_quality: {expected}; got NaN or inf.")
     if np.abs(x).max() > 2.0:
-        raise ValueError(f"digits_sample_quality: {expected}; got values in "
-                         f"[{x.min():.3g}, {x.max():.3g}] (0..255 pixels?).")
+        raise ValueError(
+            f"digits_sample_quality: {expected}; got values in [{x.min():.3g}, {x.max():.3g}] (0..255 pixels?)."
+        )
     return np.clip(x, -1.0, 1.0)  # samplers' slight overshoot, as unscale_images clips
 
 
-def digits_sample_quality(samples, *, classifier: Classifier | None = None,
-                          seed: int = 0) -> dict[str, float | int]:
+def digits_sample_quality(samples, *, classifier: Classifier | None = None, seed: int = 0) -> dict[str, float | int]:
     """Fréchet distance and classifier score of digit samples, with real-data references.
 
     Args:
@@ -297,8 +307,7 @@ def digits_sample_quality(samples, *, classifier: Classifier | None = None,
     test_images, _ = digits_split("test")
     train_images, _ = digits_split("train")
     n = len(x)
-    subset = np.random.default_rng(seed).choice(len(train_images), min(n, len(train_images)),
-                                                replace=False)
+    subset = np.random.default_rng(seed).choice(len(train_images), min(n, len(train_images)), replace=False)
     f_samples, p_samples = features_and_probs(classifier, x)
     f_test, p_test = features_and_probs(classifier, test_images)
     f_train, _ = features_and_probs(classifier, train_images[np.sort(subset)])

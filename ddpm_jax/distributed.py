@@ -40,26 +40,44 @@ def _env_int(name: str) -> int | None:
 
 
 def _check(address: str | None, num_processes: int | None, process_id: int | None) -> None:
-    missing = [flag for flag, v in (("--coordinator_address", address), ("--num_processes", num_processes),
-                                    ("--process_id", process_id)) if v is None]
+    missing = [
+        flag
+        for flag, v in (
+            ("--coordinator_address", address),
+            ("--num_processes", num_processes),
+            ("--process_id", process_id),
+        )
+        if v is None
+    ]
     if missing:
         raise DistributedError(
             f"a multi-process run needs --coordinator_address, --num_processes and --process_id (or "
             f"{ENV_ADDRESS}, {ENV_NUM_PROCESSES}, {ENV_PROCESS_ID}); {', '.join(missing)} not given. Pass all "
-            "three, or --distributed on a cluster JAX detects by itself.")
+            "three, or --distributed on a cluster JAX detects by itself."
+        )
     host, _, port = address.rpartition(":")
     if not host or not port.isdigit():
-        raise DistributedError(f"--coordinator_address={address!r} must be host:port (e.g. 10.0.0.1:1234), the "
-                               "address of process 0, the same on every process.")
+        raise DistributedError(
+            f"--coordinator_address={address!r} must be host:port (e.g. 10.0.0.1:1234), the "
+            "address of process 0, the same on every process."
+        )
     if num_processes < 1:
         raise DistributedError(f"--num_processes={num_processes} must be >= 1.")
     if not 0 <= process_id < num_processes:
-        raise DistributedError(f"--process_id={process_id} must be in [0, {num_processes}): one distinct id per "
-                               "process, 0 on the coordinator's host.")
+        raise DistributedError(
+            f"--process_id={process_id} must be in [0, {num_processes}): one distinct id per "
+            "process, 0 on the coordinator's host."
+        )
 
 
-def initialize(coordinator_address: str | None = None, num_processes: int | None = None,
-               process_id: int | None = None, *, auto: bool = False, timeout_s: int = 300) -> bool:
+def initialize(
+    coordinator_address: str | None = None,
+    num_processes: int | None = None,
+    process_id: int | None = None,
+    *,
+    auto: bool = False,
+    timeout_s: int = 300,
+) -> bool:
     """Starts jax.distributed when the arguments or the environment ask for it.
 
     Must run before anything touches a JAX device. On CPU, cross-process collectives go through
@@ -96,7 +114,8 @@ def initialize(coordinator_address: str | None = None, num_processes: int | None
             f"could not start jax.distributed (coordinator {address}, process {pid} of {num}): "
             f"{type(e).__name__}: {e}. Start every process with the same --coordinator_address and "
             "--num_processes and a distinct --process_id, and check that process 0's host:port is "
-            "reachable from all of them.") from e
+            "reachable from all of them."
+        ) from e
     return True
 
 

@@ -24,9 +24,20 @@ from ddpm_jax.errors import ConfigError
 from ddpm_jax.run import WHICH, load_run
 
 
-def evaluate_workdir(workdir: str, *, params: str = "ema", bpd: bool = True, quality: bool = True,
-                     num_samples: int = 500, sampler: str = "respaced", num_steps: int | None = 100,
-                     eta: float = 0.0, seed: int = 0, bpd_batch_size: int | None = None, strata: int = 0) -> dict:
+def evaluate_workdir(
+    workdir: str,
+    *,
+    params: str = "ema",
+    bpd: bool = True,
+    quality: bool = True,
+    num_samples: int = 500,
+    sampler: str = "respaced",
+    num_steps: int | None = 100,
+    eta: float = 0.0,
+    seed: int = 0,
+    bpd_batch_size: int | None = None,
+    strata: int = 0,
+) -> dict:
     """Scores the latest checkpoint of workdir; returns (and writes) a flat dict of numbers.
 
     The bound is the method's most exact one (strata=0: all T terms of a discrete chain) or its
@@ -55,13 +66,23 @@ def evaluate_workdir(workdir: str, *, params: str = "ema", bpd: bool = True, qua
         batch = bpd_batch_size or config.training.bpd_batch_size or config.training.batch_size
         numbers = evaluation.evaluate_bpd(steps.bpd, weights, test_images, config, rng, batch_size=batch)
         if "vb_per_t" in numbers:
-            plots.plot_vb_terms(numbers.pop("vb_per_t"), os.path.join(out_dir, f"bpd_terms_{params}.png"),
-                                f"test bound: {numbers['total_bpd']:.3f} bits/dim")
+            plots.plot_vb_terms(
+                numbers.pop("vb_per_t"),
+                os.path.join(out_dir, f"bpd_terms_{params}.png"),
+                f"test bound: {numbers['total_bpd']:.3f} bits/dim",
+            )
         result.update(numbers, bpd_time_s=time.time() - start, bpd_method=method.bound_description(strata))
     if quality:
         start = time.time()
-        samples = train_lib.draw_samples(steps.sample, weights, jax.random.fold_in(rng, 1), num_samples, sampler=sampler,
-                               num_steps=num_steps, eta=eta)["samples"]
+        samples = train_lib.draw_samples(
+            steps.sample,
+            weights,
+            jax.random.fold_in(rng, 1),
+            num_samples,
+            sampler=sampler,
+            num_steps=num_steps,
+            eta=eta,
+        )["samples"]
         result["samples_png"] = plots.save_grid(samples[:100], os.path.join(out_dir, f"samples_{params}.png"))
         result["sampler"] = method.sampler_label(sampler, num_steps)
         result.update(sample_quality(config, samples, seed))
@@ -90,15 +111,25 @@ def cli_main() -> None:
     _STEPS = flags.DEFINE_integer("steps", 100, "Steps of the respaced / DDIM sampler.", lower_bound=1)
     _ETA = flags.DEFINE_float("eta", 0.0, "DDIM eta.")
     _SEED = flags.DEFINE_integer("seed", 0, "Seed of the bound's noise and of the samples.")
-    _STRATA = flags.DEFINE_integer("strata", 0, "0: the bound with all T terms; > 0: its stratified estimate.",
-                                   lower_bound=0)
+    _STRATA = flags.DEFINE_integer(
+        "strata", 0, "0: the bound with all T terms; > 0: its stratified estimate.", lower_bound=0
+    )
 
     def main(argv):
         if not os.path.isdir(_WORKDIR.value):
             raise ConfigError(f"--workdir={_WORKDIR.value}: no such folder; pass a workdir that train.py wrote.")
-        result = evaluate_workdir(_WORKDIR.value, params=_PARAMS.value, bpd=_BPD.value, quality=_QUALITY.value,
-                                  num_samples=_NUM.value, sampler=_SAMPLER.value, num_steps=_STEPS.value,
-                                  eta=_ETA.value, seed=_SEED.value, strata=_STRATA.value)
+        result = evaluate_workdir(
+            _WORKDIR.value,
+            params=_PARAMS.value,
+            bpd=_BPD.value,
+            quality=_QUALITY.value,
+            num_samples=_NUM.value,
+            sampler=_SAMPLER.value,
+            num_steps=_STEPS.value,
+            eta=_ETA.value,
+            seed=_SEED.value,
+            strata=_STRATA.value,
+        )
         print(json.dumps(result, indent=2))
 
     cli.run(main)

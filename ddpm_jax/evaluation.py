@@ -26,9 +26,11 @@ def load_split(config, split: str) -> np.ndarray:
         raise DataError(str(e)) from e
     want = (config.data.image_size, config.data.image_size, config.data.channels)
     if images.shape[1:] != want:
-        raise DataError(f"dataset {config.data.dataset!r} has images of shape {images.shape[1:]} but the config "
-                        f"says {want}: set config.data.image_size={images.shape[1]} and "
-                        f"config.data.channels={images.shape[3]}.")
+        raise DataError(
+            f"dataset {config.data.dataset!r} has images of shape {images.shape[1:]} but the config "
+            f"says {want}: set config.data.image_size={images.shape[1]} and "
+            f"config.data.channels={images.shape[3]}."
+        )
     return images
 
 
@@ -56,11 +58,13 @@ def evaluate_loss(p_eval, params, test_images, config, rng, num_batches: int | N
     return {f"test_{k}": float(v / count) for k, v in sums.items()}
 
 
-def evaluate_bpd(p_bpd, params, test_images, config, rng, batch_size: int | None = None,
-                 num_batches: int | None = None) -> dict:
+def evaluate_bpd(
+    p_bpd, params, test_images, config, rng, batch_size: int | None = None, num_batches: int | None = None
+) -> dict:
     """Negative ELBO over the whole test split in bits/dim, with its parts (and the per-t terms)."""
-    sums = _sum_batches(p_bpd, params, test_images, batch_size or config.training.batch_size, rng, num_batches,
-                        progress="test bits/dim")
+    sums = _sum_batches(
+        p_bpd, params, test_images, batch_size or config.training.batch_size, rng, num_batches, progress="test bits/dim"
+    )
     count = sums.pop("count")
     mean_sq = sums.pop("total_bpd_sq") / count
     result = {k: float(v / count) for k, v in sums.items() if k != "vb"}
@@ -85,26 +89,42 @@ def final_report(config, workdir: str, steps, rstate, test_images, eval_rng, wri
     """The end of a run: sample grid, denoising strip, curves and the test bound (EMA params), in
     <workdir>/results.json and PNGs beside it; returns the results."""
     is_main = distributed.is_main_process()
-    results = {"step": int(train_lib.unreplicate(rstate.step)),
-               "params_sha256": params_digest(train_lib.unreplicate(rstate.params))}
-    out = train_lib.draw_samples(steps.sample, rstate.ema_params, jax.random.fold_in(eval_rng, -1 % 2**31),
-                       config.sampling.num_samples, num_frames=10)
+    results = {
+        "step": int(train_lib.unreplicate(rstate.step)),
+        "params_sha256": params_digest(train_lib.unreplicate(rstate.params)),
+    }
+    out = train_lib.draw_samples(
+        steps.sample,
+        rstate.ema_params,
+        jax.random.fold_in(eval_rng, -1 % 2**31),
+        config.sampling.num_samples,
+        num_frames=10,
+    )
     if is_main:
         np.savez(os.path.join(workdir, "samples.npz"), samples=out["samples"])  # the arrays before any picture
         results["samples_png"] = plots.save_grid(out["samples"], os.path.join(workdir, "samples.png"))
         if "frames" in out:  # a method without a chain (the VAE) has none to show
             results["strip_png"] = plots.save_strip(out["frames"][:, :8], os.path.join(workdir, "denoising_strip.png"))
-        plots.plot_curves(fileio.read_jsonl(writer.path), ["loss", "test_loss"], os.path.join(workdir, "loss.png"),
-                          "training loss")
+        plots.plot_curves(
+            fileio.read_jsonl(writer.path), ["loss", "test_loss"], os.path.join(workdir, "loss.png"), "training loss"
+        )
     if config.training.final_bpd:
         # The bound costs T network calls per image: one large batch wastes the least on padding.
         bpd_batch = config.training.bpd_batch_size or config.training.batch_size
-        bpd = evaluate_bpd(steps.bpd, rstate.ema_params, test_images, config, eval_rng, batch_size=bpd_batch,
-                           num_batches=num_eval_batches(test_images, bpd_batch))
+        bpd = evaluate_bpd(
+            steps.bpd,
+            rstate.ema_params,
+            test_images,
+            config,
+            eval_rng,
+            batch_size=bpd_batch,
+            num_batches=num_eval_batches(test_images, bpd_batch),
+        )
         vb_per_t = bpd.pop("vb_per_t", None)
         if is_main and vb_per_t is not None:
-            plots.plot_vb_terms(vb_per_t, os.path.join(workdir, "bpd_terms.png"),
-                                f"test bound: {bpd['total_bpd']:.3f} bits/dim")
+            plots.plot_vb_terms(
+                vb_per_t, os.path.join(workdir, "bpd_terms.png"), f"test bound: {bpd['total_bpd']:.3f} bits/dim"
+            )
         writer.write(results["step"], {f"test_{k}": v for k, v in bpd.items()})
         results.update(bpd, bpd_method=steps.method.bound_description(config.training.final_bpd_strata))
     results["wall_time_s"] = time.time() - start_time

@@ -73,14 +73,18 @@ class NonfiniteGuard:
 
     def message(self, config, step: int, where: str) -> str:
         lr, dtype = config.optim.lr, config.model.dtype
-        causes = [f"the learning rate is too high (config.optim.lr={lr:g}; try {lr / 10:g} or a longer "
-                  "config.optim.warmup_steps)",
-                  f"overflow in low precision (config.model.dtype={dtype!r}; 'float32' is the safe choice)",
-                  f"bad data (NaN/Inf or wrongly scaled images in dataset {config.data.dataset!r})"]
+        causes = [
+            f"the learning rate is too high (config.optim.lr={lr:g}; try {lr / 10:g} or a longer "
+            "config.optim.warmup_steps)",
+            f"overflow in low precision (config.model.dtype={dtype!r}; 'float32' is the safe choice)",
+            f"bad data (NaN/Inf or wrongly scaled images in dataset {config.data.dataset!r})",
+        ]
         if dtype != "float32":
             causes.insert(0, causes.pop(1))
-        return (f"training stopped at step {step}: {self.streak} steps in a row (steps {self.first_bad} to {step}) had "
-                f"a non-finite loss or gradient and were skipped, so the parameters are still those after step "
-                f"{self.first_bad - 1}; saved them in {where} (checkpoint step {step}). Likely causes: "
-                f"{'; '.join(causes)}. Fix the cause and run the same command again to resume, or raise "
-                "config.training.max_nonfinite_steps to tolerate longer runs of bad steps.")
+        return (
+            f"training stopped at step {step}: {self.streak} steps in a row (steps {self.first_bad} to {step}) had "
+            f"a non-finite loss or gradient and were skipped, so the parameters are still those after step "
+            f"{self.first_bad - 1}; saved them in {where} (checkpoint step {step}). Likely causes: "
+            f"{'; '.join(causes)}. Fix the cause and run the same command again to resume, or raise "
+            "config.training.max_nonfinite_steps to tolerate longer runs of bad steps."
+        )

@@ -63,8 +63,9 @@ def _restore_or_init(config, workdir: str, mngr, method, tx):
     return train_lib.create_train_state(method, tx, rng) if state is None else state
 
 
-def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, stop_at_step: int | None = None,
-                       steps=None) -> dict:
+def train_and_evaluate(
+    config: ml_collections.ConfigDict, workdir: str, stop_at_step: int | None = None, steps=None
+) -> dict:
     """Trains (resuming from the latest checkpoint in workdir) and writes samples, curves, bits/dim.
 
     Args:
@@ -106,8 +107,9 @@ def check_workdir(workdir: str) -> None:
     try:
         os.makedirs(workdir, exist_ok=True)
     except OSError as e:
-        raise ConfigError(f"--workdir={workdir} cannot be created ({e.strerror}): pass a folder you can write to.") \
-            from None
+        raise ConfigError(
+            f"--workdir={workdir} cannot be created ({e.strerror}): pass a folder you can write to."
+        ) from None
 
 
 def _train_and_evaluate(config, workdir: str, stop_at_step: int | None, steps, lock) -> dict:
@@ -125,8 +127,13 @@ def _train_and_evaluate(config, workdir: str, stop_at_step: int | None, steps, l
         train_images = evaluation.load_split(config, config.data.train_split)
         test_images = evaluation.load_split(config, config.data.eval_split)
         num_eval_batches = evaluation.num_eval_batches(test_images, config.training.batch_size)
-        batches = data.train_batches(train_images, config.training.batch_size, config.seed,
-                                     start_step=initial_step, random_flip=config.data.random_flip)
+        batches = data.train_batches(
+            train_images,
+            config.training.batch_size,
+            config.seed,
+            start_step=initial_step,
+            random_flip=config.data.random_flip,
+        )
         rstate = train_lib.replicate(state)
         del state
         writer = MetricWriter(workdir, initial_step)
@@ -134,8 +141,9 @@ def _train_and_evaluate(config, workdir: str, stop_at_step: int | None, steps, l
         tr = config.training
         num_steps = tr.num_train_steps
         guard = NonfiniteGuard(tr.max_nonfinite_steps)
-        bar = tqdm(total=num_steps, initial=initial_step, desc="train", unit="step", disable=not is_main,
-                   dynamic_ncols=True)
+        bar = tqdm(
+            total=num_steps, initial=initial_step, desc="train", unit="step", disable=not is_main, dynamic_ncols=True
+        )
         last_log_time, last_log_step, skipped_at_log = time.time(), initial_step, 0
         # A signal during start-up stops before the first step; all processes must agree on it.
         step, stopping, diverged = initial_step, distributed.any_process(stop.signal is not None), False
@@ -155,18 +163,25 @@ def _train_and_evaluate(config, workdir: str, stop_at_step: int | None, steps, l
                 scalars["steps_per_sec"] = (step - last_log_step) / max(now - last_log_time, 1e-9)
                 scalars["nonfinite_steps"] = guard.skipped - skipped_at_log  # skipped since the last log
                 if scalars["nonfinite_steps"]:
-                    bar.write(f"step {step}: {int(scalars['nonfinite_steps'])} step(s) since the last log had a "
-                              "non-finite loss or gradient; their updates were skipped.")
+                    bar.write(
+                        f"step {step}: {int(scalars['nonfinite_steps'])} step(s) since the last log had a "
+                        "non-finite loss or gradient; their updates were skipped."
+                    )
                 last_log_time, last_log_step, skipped_at_log = now, step, guard.skipped
                 writer.write(step, scalars)
                 lock.refresh()  # WorkdirLocked if another run has taken the workdir over
                 bar.set_postfix(loss=f"{scalars['loss']:.4f}", steps_s=f"{scalars['steps_per_sec']:.2f}")
             if every(step, tr.eval_every, num_steps):
-                writer.write(step, evaluation.evaluate_loss(steps.eval, rstate.ema_params, test_images, config,
-                                                            eval_rng, num_eval_batches))
+                writer.write(
+                    step,
+                    evaluation.evaluate_loss(
+                        steps.eval, rstate.ema_params, test_images, config, eval_rng, num_eval_batches
+                    ),
+                )
             if step % tr.sample_every == 0 and not last:  # every process samples (SPMD); process 0 writes
-                grid = train_lib.draw_samples(steps.sample, rstate.ema_params, jax.random.fold_in(eval_rng, step),
-                                    config.sampling.num_samples)
+                grid = train_lib.draw_samples(
+                    steps.sample, rstate.ema_params, jax.random.fold_in(eval_rng, step), config.sampling.num_samples
+                )
                 if is_main:
                     plots.save_grid(grid["samples"], os.path.join(workdir, "samples", f"step_{step:07d}.png"))
             if every(step, tr.checkpoint_every, num_steps):
@@ -185,8 +200,10 @@ def _train_and_evaluate(config, workdir: str, stop_at_step: int | None, steps, l
             raise TrainingDiverged(guard.message(config, step, where))
         if stopping:
             reason = stop.signal or "a signal to another process"
-            _say(f"\nGot {reason} at step {step}: saved a checkpoint in {where}. Run the same command again "
-                 "to resume from it.")
+            _say(
+                f"\nGot {reason} at step {step}: saved a checkpoint in {where}. Run the same command again "
+                "to resume from it."
+            )
             return {"stopped_at": step, "signal": reason, "checkpoint_dir": where}
     finally:
         stop.restore()

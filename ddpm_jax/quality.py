@@ -49,20 +49,22 @@ def _sqrtm_trace(sigma1: np.ndarray, sigma2: np.ndarray, eps: float) -> float:
     product = sigma1 @ sigma2
     covmean = scipy.linalg.sqrtm(product)
     scale = max(np.linalg.norm(product), np.finfo(np.float64).tiny)
-    if (not np.isfinite(covmean).all()
-            or np.linalg.norm(covmean @ covmean - product) / scale > _SQRTM_RESIDUAL_TOL):
+    if not np.isfinite(covmean).all() or np.linalg.norm(covmean @ covmean - product) / scale > _SQRTM_RESIDUAL_TOL:
         offset = eps * np.eye(sigma1.shape[0])  # pytorch-fid's fix for a singular product
         covmean = scipy.linalg.sqrtm((sigma1 + offset) @ (sigma2 + offset))
         if not np.isfinite(covmean).all():
-            raise ValueError("frechet_distance: sqrtm(sigma1 @ sigma2) is not finite, even "
-                             f"with {eps} * I added to both covariances.")
+            raise ValueError(
+                "frechet_distance: sqrtm(sigma1 @ sigma2) is not finite, even "
+                f"with {eps} * I added to both covariances."
+            )
     if np.iscomplexobj(covmean):
         diag = np.diagonal(covmean)
         worst = np.abs(diag.imag).max()
         if worst > _IMAG_TOL * max(1.0, np.abs(diag.real).max()):
             raise ValueError(
                 "frechet_distance: sqrtm(sigma1 @ sigma2) has imaginary parts up to "
-                f"{worst:.3g} on its diagonal; are both sigmas symmetric positive semi-definite?")
+                f"{worst:.3g} on its diagonal; are both sigmas symmetric positive semi-definite?"
+            )
         covmean = covmean.real
     return float(np.trace(covmean))
 
@@ -98,7 +100,8 @@ def frechet_distance(mu1, sigma1, mu2, sigma2, eps: float = 1e-6) -> float:
     if mu1.shape != (d,) or mu2.shape != (d,) or sigma1.shape != (d, d) or sigma2.shape != (d, d):
         raise ValueError(
             "frechet_distance needs mu1, mu2 of shape [D] and sigma1, sigma2 of shape [D, D]; "
-            f"got {mu1.shape}, {sigma1.shape}, {mu2.shape}, {sigma2.shape}.")
+            f"got {mu1.shape}, {sigma1.shape}, {mu2.shape}, {sigma2.shape}."
+        )
     if not all(np.isfinite(a).all() for a in (mu1, mu2, sigma1, sigma2)):
         raise ValueError("frechet_distance: the statistics contain NaN or inf.")
     diff = mu1 - mu2

@@ -61,8 +61,9 @@ class Run:
         """`model_fn(x_t, t)`: the network with the chosen params closed over (the core's contract)."""
         return self.method.model_fn(self.params)
 
-    def sample(self, num: int, seed: int = 0, sampler: str | None = None, num_steps: int | None = None,
-               eta: float = 0.0) -> np.ndarray:
+    def sample(
+        self, num: int, seed: int = 0, sampler: str | None = None, num_steps: int | None = None, eta: float = 0.0
+    ) -> np.ndarray:
         """`num` samples [num, H, W, C] in [-1, 1] on the default device (sample.py uses every device)."""
         sampler = sampler or self.method.samplers[0]
         self.method.check_sampler(sampler, num_steps, eta)
@@ -76,8 +77,10 @@ def load_config(workdir: str) -> ml_collections.ConfigDict:
     try:
         validate_config(config, num_devices=1)  # the batch size does not matter here
     except (ConfigError, AttributeError, KeyError) as e:  # a hand-edited or foreign config.json
-        raise CheckpointError(f"{os.path.join(workdir, checkpoint.CONFIG_FILE)} is not a usable config ({e}); "
-                              "pass the --workdir that train.py wrote to.") from e
+        raise CheckpointError(
+            f"{os.path.join(workdir, checkpoint.CONFIG_FILE)} is not a usable config ({e}); "
+            "pass the --workdir that train.py wrote to."
+        ) from e
     return config
 
 
@@ -98,7 +101,8 @@ def load_run(workdir: str, which: str = "ema") -> Run:
     method = methods.from_config(config)
     no_checkpoint = CheckpointError(
         f"{checkpoint.checkpoint_dir(workdir)} holds no checkpoint: train first "
-        f"(python train.py --workdir={workdir}), or pass the --workdir of a trained run.")
+        f"(python train.py --workdir={workdir}), or pass the --workdir of a trained run."
+    )
     if not os.path.isdir(checkpoint.checkpoint_dir(workdir)):
         raise no_checkpoint
     target = train_lib.abstract_train_state(method, train_lib.make_optimizer(config), jax.random.PRNGKey(config.seed))

@@ -22,13 +22,22 @@ def output_paths(out: str | None, workdir: str, seed: int) -> str:
         return os.path.join(out, f"sample_seed{seed}.png")
     stem, ext = os.path.splitext(out)
     if ext.lower() not in ("", ".png"):
-        raise ConfigError(f"--out={out}: grids are written as PNG; give a .png path, a bare name (.png is added) "
-                          "or a folder.")
+        raise ConfigError(
+            f"--out={out}: grids are written as PNG; give a .png path, a bare name (.png is added) or a folder."
+        )
     return stem + ".png"
 
 
-def sample_from_workdir(workdir: str, num: int, seed: int = 0, out: str | None = None, strip: bool = False,
-                        sampler: str | None = None, num_steps: int | None = None, eta: float = 0.0) -> list[str]:
+def sample_from_workdir(
+    workdir: str,
+    num: int,
+    seed: int = 0,
+    out: str | None = None,
+    strip: bool = False,
+    sampler: str | None = None,
+    num_steps: int | None = None,
+    eta: float = 0.0,
+) -> list[str]:
     """Writes an .npz and a PNG grid of `num` samples (and a denoising strip); returns the paths.
 
     Every argument is checked before anything is compiled, and the samples are saved before the
@@ -43,8 +52,9 @@ def sample_from_workdir(workdir: str, num: int, seed: int = 0, out: str | None =
             os.makedirs(folder, exist_ok=True)
         except OSError as e:
             why = "a file is in the way" if e.errno in (errno.EEXIST, errno.ENOTDIR) else e.strerror
-            raise ConfigError(f"--out={out}: its folder {folder} cannot be created ({why}); pass a path you can "
-                              "write to.") from None
+            raise ConfigError(
+                f"--out={out}: its folder {folder} cannot be created ({why}); pass a path you can write to."
+            ) from None
         if not os.access(folder, os.W_OK):
             raise ConfigError(f"--out={out}: its folder {folder} is not writable; pass a path you can write to.")
     run = load_run(workdir)
@@ -52,8 +62,16 @@ def sample_from_workdir(workdir: str, num: int, seed: int = 0, out: str | None =
     run.method.check_sampler(sampler, num_steps, eta)
     steps = train_lib.compile_steps(run.method, run.config)
     num_frames = 10 if strip and sampler != "ddim" else 0
-    result = train_lib.draw_samples(steps.sample, train_lib.replicate(run.params), jax.random.PRNGKey(seed), num,
-                          num_frames=num_frames, sampler=sampler, num_steps=num_steps, eta=eta)
+    result = train_lib.draw_samples(
+        steps.sample,
+        train_lib.replicate(run.params),
+        jax.random.PRNGKey(seed),
+        num,
+        num_frames=num_frames,
+        sampler=sampler,
+        num_steps=num_steps,
+        eta=eta,
+    )
     stem = os.path.splitext(png)[0]
     os.makedirs(os.path.dirname(os.path.abspath(png)), exist_ok=True)
     np.savez(stem + ".npz", samples=result["samples"])

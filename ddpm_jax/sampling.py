@@ -27,9 +27,18 @@ def _frame_steps(num_timesteps: int, num_frames: int) -> np.ndarray:
     return np.unique(np.linspace(0, num_timesteps - 1, num_frames).round().astype(int))
 
 
-def sample_loop(sched: Schedule, model_fn: diffusion.ModelFn, shape, rng: chex.PRNGKey, *,
-                parameterization: str = "eps", variance: str = "fixed_small", clip_denoised: bool = True,
-                num_frames: int = 0, x_T: chex.Array | None = None) -> dict:
+def sample_loop(
+    sched: Schedule,
+    model_fn: diffusion.ModelFn,
+    shape,
+    rng: chex.PRNGKey,
+    *,
+    parameterization: str = "eps",
+    variance: str = "fixed_small",
+    clip_denoised: bool = True,
+    num_frames: int = 0,
+    x_T: chex.Array | None = None,
+) -> dict:
     """Ancestral sampling x_T -> x_0: x_{t-1} = mu_theta(x_t, t) + sigma_t z, z = 0 at t = 0.
 
     Args:
@@ -67,9 +76,18 @@ def sample_loop(sched: Schedule, model_fn: diffusion.ModelFn, shape, rng: chex.P
     return result
 
 
-def ddim_sample_loop(sched: Schedule, model_fn: diffusion.ModelFn, shape, rng: chex.PRNGKey, *,
-                     num_steps: int, eta: float = 0.0, parameterization: str = "eps",
-                     clip_denoised: bool = True, x_T: chex.Array | None = None) -> dict:
+def ddim_sample_loop(
+    sched: Schedule,
+    model_fn: diffusion.ModelFn,
+    shape,
+    rng: chex.PRNGKey,
+    *,
+    num_steps: int,
+    eta: float = 0.0,
+    parameterization: str = "eps",
+    clip_denoised: bool = True,
+    x_T: chex.Array | None = None,
+) -> dict:
     """DDIM (Song et al. 2021, eq. 12) over `num_steps` evenly spaced timesteps of a VP schedule.
 
     eta = 0 is a deterministic map of x_T (rng only draws x_T, unless x_T is given); eta = 1
@@ -91,8 +109,7 @@ def ddim_sample_loop(sched: Schedule, model_fn: diffusion.ModelFn, shape, rng: c
         eps = (x - jnp.sqrt(abar) * x0) / jnp.sqrt(1.0 - abar)
         sigma = eta * jnp.sqrt((1 - abar_prev) / (1 - abar) * (1 - abar / abar_prev))
         z = jax.random.normal(jax.random.fold_in(rng, t_scalar), shape)
-        x_prev = (jnp.sqrt(abar_prev) * x0 + jnp.sqrt(jnp.maximum(1 - abar_prev - sigma**2, 0.0)) * eps
-                  + sigma * z)
+        x_prev = jnp.sqrt(abar_prev) * x0 + jnp.sqrt(jnp.maximum(1 - abar_prev - sigma**2, 0.0)) * eps + sigma * z
         return x_prev, None
 
     x, _ = jax.lax.scan(step, _initial_noise(sched, rng, shape, x_T), jnp.arange(len(use)))
@@ -101,15 +118,30 @@ def ddim_sample_loop(sched: Schedule, model_fn: diffusion.ModelFn, shape, rng: c
 
 def kept_timesteps(num_timesteps: int, num_steps: int) -> np.ndarray:
     """`num_steps` evenly spaced timesteps of 0..T-1, always keeping 0 and T-1."""
-    if isinstance(num_steps, bool) or not isinstance(num_steps, (int, np.integer)) or not 1 <= num_steps <= num_timesteps:
-        raise ValueError(f"the number of sampling steps must be a whole number in [1, T={num_timesteps}], "
-                         f"got {num_steps!r}.")
+    if (
+        isinstance(num_steps, bool)
+        or not isinstance(num_steps, (int, np.integer))
+        or not 1 <= num_steps <= num_timesteps
+    ):
+        raise ValueError(
+            f"the number of sampling steps must be a whole number in [1, T={num_timesteps}], got {num_steps!r}."
+        )
     return np.unique(np.linspace(0, num_timesteps - 1, num_steps).round().astype(np.int32))
 
 
-def respaced_sample_loop(sched: Schedule, model_fn: diffusion.ModelFn, shape, rng: chex.PRNGKey, *,
-                         num_steps: int, parameterization: str = "eps", variance: str = "fixed_small",
-                         clip_denoised: bool = True, num_frames: int = 0, x_T: chex.Array | None = None) -> dict:
+def respaced_sample_loop(
+    sched: Schedule,
+    model_fn: diffusion.ModelFn,
+    shape,
+    rng: chex.PRNGKey,
+    *,
+    num_steps: int,
+    parameterization: str = "eps",
+    variance: str = "fixed_small",
+    clip_denoised: bool = True,
+    num_frames: int = 0,
+    x_T: chex.Array | None = None,
+) -> dict:
     """Ancestral sampling over K = num_steps of the T steps (Nichol & Dhariwal sec. 4).
 
     The short chain keeps the marginals q(x_t | x_0) = N(a_t x_0, s_t^2) at the kept steps, so its
@@ -123,8 +155,9 @@ def respaced_sample_loop(sched: Schedule, model_fn: diffusion.ModelFn, shape, rn
     diffusion.check_choice("parameterization", parameterization, diffusion.PARAMETERIZATIONS)
     use = kept_timesteps(sched.num_timesteps, num_steps)
     idx = jnp.asarray(use)
-    short = Schedule(**schedules.schedule_tables(sched.sqrt_alphas_cumprod[idx],
-                                                 sched.sqrt_one_minus_alphas_cumprod[idx], xp=jnp))
+    short = Schedule(
+        **schedules.schedule_tables(sched.sqrt_alphas_cumprod[idx], sched.sqrt_one_minus_alphas_cumprod[idx], xp=jnp)
+    )
 
     def short_model_fn(x, k):
         t = idx[k]
@@ -136,9 +169,17 @@ def respaced_sample_loop(sched: Schedule, model_fn: diffusion.ModelFn, shape, rn
         return x0 if var_output is None else jnp.concatenate([x0, var_output], axis=-1)
 
     # A learned variance interpolates between the step's beta and posterior variance: use the short chain's.
-    out = sample_loop(short, short_model_fn, shape, rng,
-                      parameterization="x0" if parameterization == "mean" else parameterization,
-                      variance=variance, clip_denoised=clip_denoised, num_frames=num_frames, x_T=x_T)
+    out = sample_loop(
+        short,
+        short_model_fn,
+        shape,
+        rng,
+        parameterization="x0" if parameterization == "mean" else parameterization,
+        variance=variance,
+        clip_denoised=clip_denoised,
+        num_frames=num_frames,
+        x_T=x_T,
+    )
     if num_frames:
         out["frame_t"] = idx[out["frame_t"]]
     return out

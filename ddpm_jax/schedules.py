@@ -18,7 +18,7 @@ Index t is the lecture's step t + 1 (the improved-diffusion convention).
 from __future__ import annotations
 
 import math
-from typing import Callable, Sequence, Union
+from collections.abc import Callable, Sequence
 
 import flax.struct
 import jax
@@ -52,9 +52,16 @@ def cosine_alphas_cumprod(num_timesteps: int, s: float = 0.008) -> np.ndarray:
     return f / f[0]
 
 
-def betas_for(name: str, num_timesteps: int, *, beta_start: float | None = None,
-              beta_end: float | None = None, s: float = 0.008, max_beta: float = 0.999,
-              value: float | None = None) -> np.ndarray:
+def betas_for(
+    name: str,
+    num_timesteps: int,
+    *,
+    beta_start: float | None = None,
+    beta_end: float | None = None,
+    s: float = 0.008,
+    max_beta: float = 0.999,
+    value: float | None = None,
+) -> np.ndarray:
     """Returns the float64 beta table of a named schedule.
 
     Args:
@@ -72,7 +79,8 @@ def betas_for(name: str, num_timesteps: int, *, beta_start: float | None = None,
     if name not in BETA_SCHEDULES:
         raise ValueError(
             f"Unknown beta schedule {name!r}; valid names are {', '.join(BETA_SCHEDULES)} "
-            "(or pass your own betas array / callable to make_schedule, or 've' for variance exploding).")
+            "(or pass your own betas array / callable to make_schedule, or 've' for variance exploding)."
+        )
     num_timesteps = _check_num_timesteps(num_timesteps)
     start, end = _linear_range(num_timesteps, beta_start, beta_end)
     if name == "linear":
@@ -202,7 +210,7 @@ def _to_schedule(tables: dict[str, np.ndarray]) -> Schedule:
     return Schedule(**{k: jnp.asarray(v, dtype=jnp.float32) for k, v in tables.items()})
 
 
-BetasLike = Union[str, Sequence[float], np.ndarray, Callable[[int], np.ndarray]]
+BetasLike = str | Sequence[float] | np.ndarray | Callable[[int], np.ndarray]
 
 
 def make_schedule(name_or_betas: BetasLike, num_timesteps: int | None = None, **kwargs) -> Schedule:
@@ -232,4 +240,3 @@ def make_schedule(name_or_betas: BetasLike, num_timesteps: int | None = None, **
             raise ValueError(f"got {betas.size} betas but num_timesteps={num_timesteps}.")
     abar = np.cumprod(1.0 - betas)
     return _to_schedule(schedule_tables(np.sqrt(abar), np.sqrt(1.0 - abar), betas=betas))
-

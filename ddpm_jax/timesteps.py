@@ -25,8 +25,9 @@ class LossHistory:
 
 
 def init_loss_history(num_timesteps: int, history_per_term: int = 10) -> LossHistory:
-    return LossHistory(losses=jnp.zeros((num_timesteps, history_per_term), jnp.float32),
-                       counts=jnp.zeros((num_timesteps,), jnp.int32))
+    return LossHistory(
+        losses=jnp.zeros((num_timesteps, history_per_term), jnp.float32), counts=jnp.zeros((num_timesteps,), jnp.int32)
+    )
 
 
 def importance_probs(history: LossHistory, uniform_prob: float = 1e-3) -> jnp.ndarray:
@@ -61,7 +62,8 @@ def update_loss_history(history: LossHistory, t: jnp.ndarray, losses: jnp.ndarra
     def push(i, h):
         ti = t[i]
         slot = h.counts[ti] % k
-        return LossHistory(losses=h.losses.at[ti, slot].set(losses[i].astype(jnp.float32)),
-                           counts=h.counts.at[ti].add(1))
+        return LossHistory(
+            losses=h.losses.at[ti, slot].set(losses[i].astype(jnp.float32)), counts=h.counts.at[ti].add(1)
+        )
 
     return jax.lax.fori_loop(0, t.shape[0], push, history)

@@ -48,7 +48,8 @@ def learning_rate_schedule(optim: ml_collections.ConfigDict, num_train_steps: in
     warmup = max(int(optim.warmup_steps), 1)
     if optim.lr_schedule == "constant":
         base = optax.join_schedules(
-            [optax.linear_schedule(0.0, optim.lr, warmup), optax.constant_schedule(optim.lr)], [warmup])
+            [optax.linear_schedule(0.0, optim.lr, warmup), optax.constant_schedule(optim.lr)], [warmup]
+        )
     else:
         base = optax.warmup_cosine_decay_schedule(0.0, optim.lr, warmup, max(num_train_steps, warmup + 1))
     return lambda count: base(count + 1)
@@ -59,8 +60,9 @@ def make_optimizer(config: ml_collections.ConfigDict) -> optax.GradientTransform
     parameters (optax.flatten): the same update, in a few large kernels instead of a few per leaf."""
     optim = config.optim
     lr = learning_rate_schedule(optim, config.training.num_train_steps)
-    tx = optax.chain(optax.clip_by_global_norm(optim.grad_clip),
-                     optax.adam(lr, b1=optim.beta1, b2=optim.beta2, eps=optim.eps))
+    tx = optax.chain(
+        optax.clip_by_global_norm(optim.grad_clip), optax.adam(lr, b1=optim.beta1, b2=optim.beta2, eps=optim.eps)
+    )
     return optax.flatten(tx) if optim.flatten else tx
 
 
@@ -68,8 +70,14 @@ def create_train_state(method: Method, tx: optax.GradientTransformation, rng: ja
     """Fresh parameters, Adam state, EMA copy and the method's loss history (if any)."""
     init_rng, state_rng = jax.random.split(rng)
     params = method.init_params(init_rng)
-    return TrainState.create(apply_fn=method.apply_fn, params=params, tx=tx, ema_params=params, rng=state_rng,
-                             loss_history=method.init_loss_history())
+    return TrainState.create(
+        apply_fn=method.apply_fn,
+        params=params,
+        tx=tx,
+        ema_params=params,
+        rng=state_rng,
+        loss_history=method.init_loss_history(),
+    )
 
 
 def abstract_train_state(method: Method, tx: optax.GradientTransformation, rng: jax.Array) -> TrainState:
@@ -108,8 +116,14 @@ def _psum(tree, axis_name: str | None):
     return tree if axis_name is None else jax.lax.psum(tree, axis_name)
 
 
-def train_step(state: TrainState, batch: jnp.ndarray, *, method: Method, config: ml_collections.ConfigDict,
-               axis_name: str | None = AXIS):
+def train_step(
+    state: TrainState,
+    batch: jnp.ndarray,
+    *,
+    method: Method,
+    config: ml_collections.ConfigDict,
+    axis_name: str | None = AXIS,
+):
     """One optimisation step on this device's share of the global batch.
 
     Args:
@@ -125,8 +139,9 @@ def train_step(state: TrainState, batch: jnp.ndarray, *, method: Method, config:
     step_rng = jax.random.fold_in(state.rng, state.step)
     keys = _example_keys(step_rng, batch.shape[0], axis_name)
     global_batch = batch.shape[0] * (1 if axis_name is None else jax.lax.psum(1, axis_name))
-    inputs = method.draw_training_inputs(keys, batch, state.loss_history,
-                                         position=(_global_index(batch.shape[0], axis_name), global_batch))
+    inputs = method.draw_training_inputs(
+        keys, batch, state.loss_history, position=(_global_index(batch.shape[0], axis_name), global_batch)
+    )
     dropout_rng = _device_rng(jax.random.fold_in(step_rng, 2**30), axis_name)
 
     def loss_fn(params):
@@ -140,24 +155,34 @@ def train_step(state: TrainState, batch: jnp.ndarray, *, method: Method, config:
     # NaN/Inf guard: a non-finite loss or gradient never reaches the parameters.
     finite = jnp.isfinite(loss) & _tree_all_finite(grads)
     updated = state.apply_gradients(grads=grads)
-    updated = updated.replace(ema_params=optax.incremental_update(
-        updated.params, state.ema_params, step_size=1.0 - ema_decay(config.training.ema_decay, state.step)))
+    updated = updated.replace(
+        ema_params=optax.incremental_update(
+            updated.params, state.ema_params, step_size=1.0 - ema_decay(config.training.ema_decay, state.step)
+        )
+    )
     if state.loss_history is not None:  # the whole global batch's draws, in global order
-        gather = (lambda x: x) if axis_name is None else functools.partial(jax.lax.all_gather, axis_name=axis_name,
-                                                                          tiled=True)
+        gather = (
+            (lambda x: x)
+            if axis_name is None
+            else functools.partial(jax.lax.all_gather, axis_name=axis_name, tiled=True)
+        )
         updated = updated.replace(loss_history=method.update_loss_history(state.loss_history, inputs, terms, gather))
     new_state = jax.tree_util.tree_map(lambda new, old: jnp.where(finite, new, old), updated, state)
     new_state = new_state.replace(step=state.step + 1)
 
-    metrics = {"loss": loss, "grad_norm": optax.tree.norm(grads),
-               "lr": learning_rate_schedule(config.optim, config.training.num_train_steps)(state.step),
-               "nonfinite": 1.0 - finite.astype(jnp.float32)}
+    metrics = {
+        "loss": loss,
+        "grad_norm": optax.tree.norm(grads),
+        "lr": learning_rate_schedule(config.optim, config.training.num_train_steps)(state.step),
+        "nonfinite": 1.0 - finite.astype(jnp.float32),
+    }
     metrics.update({name: pmean(jnp.mean(value)) for name, value in terms.items() if name != "loss"})
     return new_state, metrics
 
 
-def eval_step(params, batch: jnp.ndarray, mask: jnp.ndarray, rng: jax.Array, *, method: Method,
-              axis_name: str | None = AXIS):
+def eval_step(
+    params, batch: jnp.ndarray, mask: jnp.ndarray, rng: jax.Array, *, method: Method, axis_name: str | None = AXIS
+):
     """Sums over the real examples of an eval batch: the training loss and its parts at random inputs,
     and `bpd_est`, an unbiased estimate of the whole bound in bits/dim."""
     keys = _example_keys(rng, batch.shape[0], axis_name)
@@ -181,12 +206,28 @@ def bpd_step(params, batch, mask, rng, *, method: Method, num_strata: int, axis_
     return _psum(sums, axis_name)
 
 
-def sample_step(params, rng, per_device: int, num_frames: int = 0, sampler: str = "ancestral",
-                num_steps: int | None = None, eta: float = 0.0, *, method: Method,
-                axis_name: str | None = AXIS) -> dict:
+def sample_step(
+    params,
+    rng,
+    per_device: int,
+    num_frames: int = 0,
+    sampler: str = "ancestral",
+    num_steps: int | None = None,
+    eta: float = 0.0,
+    *,
+    method: Method,
+    axis_name: str | None = AXIS,
+) -> dict:
     """This device's `per_device` samples (and denoising frames) with one of the method's samplers."""
-    return method.sample(params, _device_rng(rng, axis_name), per_device, sampler=sampler, num_steps=num_steps,
-                         eta=eta, num_frames=num_frames)
+    return method.sample(
+        params,
+        _device_rng(rng, axis_name),
+        per_device,
+        sampler=sampler,
+        num_steps=num_steps,
+        eta=eta,
+        num_frames=num_frames,
+    )
 
 
 def compile_steps(method: Method, config: ml_collections.ConfigDict, bpd_strata: int | None = None):
@@ -203,17 +244,32 @@ def compile_steps(method: Method, config: ml_collections.ConfigDict, bpd_strata:
     bpd_strata = config.training.final_bpd_strata if bpd_strata is None else bpd_strata
     return SimpleNamespace(
         method=method,
-        train=jax.pmap(functools.partial(train_step, method=method, config=config), axis_name=AXIS,
-                       donate_argnums=donate),
+        train=jax.pmap(
+            functools.partial(train_step, method=method, config=config), axis_name=AXIS, donate_argnums=donate
+        ),
         eval=jax.pmap(functools.partial(eval_step, method=method), axis_name=AXIS, in_axes=(0, 0, 0, None)),
-        bpd=jax.pmap(functools.partial(bpd_step, method=method, num_strata=bpd_strata), axis_name=AXIS,
-                     in_axes=(0, 0, 0, None)),
-        sample=jax.pmap(functools.partial(sample_step, method=method), axis_name=AXIS, in_axes=(0, None),
-                        static_broadcasted_argnums=(2, 3, 4, 5, 6)))
+        bpd=jax.pmap(
+            functools.partial(bpd_step, method=method, num_strata=bpd_strata), axis_name=AXIS, in_axes=(0, 0, 0, None)
+        ),
+        sample=jax.pmap(
+            functools.partial(sample_step, method=method),
+            axis_name=AXIS,
+            in_axes=(0, None),
+            static_broadcasted_argnums=(2, 3, 4, 5, 6),
+        ),
+    )
 
 
-def draw_samples(p_sample, params, rng, num: int, num_frames: int = 0, sampler: str = "ancestral",
-                 num_steps: int | None = None, eta: float = 0.0) -> dict:
+def draw_samples(
+    p_sample,
+    params,
+    rng,
+    num: int,
+    num_frames: int = 0,
+    sampler: str = "ancestral",
+    num_steps: int | None = None,
+    eta: float = 0.0,
+) -> dict:
     """`num` samples from this process's devices (rounded up to their count), on the host."""
     devices = jax.local_device_count()
     per_device = -(-num // devices)
@@ -243,8 +299,10 @@ def replicate(tree, devices=None):
 
 def unreplicate(tree):
     """The first device's copy of a replicated pytree, as host (NumPy) arrays."""
+
     def first(x):
         if isinstance(x, jax.Array) and len(x.addressable_shards) > 0:
             return np.asarray(x.addressable_shards[0].data)[0]
         return np.asarray(x)[0]
+
     return jax.tree_util.tree_map(first, tree)

@@ -27,7 +27,7 @@ import sys
 import threading
 import time
 import uuid
-from typing import Callable
+from collections.abc import Callable
 
 from etils import epath
 
@@ -64,8 +64,11 @@ def _alive(pid: int) -> bool:
 
 
 def _machine() -> dict:
-    return {"host": socket.gethostname(), "boot_id": _read_text("/proc/sys/kernel/random/boot_id"),
-            "pid_ns": os.readlink("/proc/self/ns/pid") if os.path.exists("/proc/self/ns/pid") else None}
+    return {
+        "host": socket.gethostname(),
+        "boot_id": _read_text("/proc/sys/kernel/random/boot_id"),
+        "pid_ns": os.readlink("/proc/self/ns/pid") if os.path.exists("/proc/self/ns/pid") else None,
+    }
 
 
 def _who(rec: dict) -> str:
@@ -183,8 +186,11 @@ class WorkdirLock:
                     return  # removed by hand: put it back
                 if held and held["token"] == self.record["token"]:
                     return self._store.replace(LOCK_NAME, data)
-                self._lost = (f"this run lost the lock {self.path}" + (f" to {_who(held)}" if held else "")
-                              + "; stop it, so that two runs do not write the same workdir.")
+                self._lost = (
+                    f"this run lost the lock {self.path}"
+                    + (f" to {_who(held)}" if held else "")
+                    + "; stop it, so that two runs do not write the same workdir."
+                )
             raise errors.WorkdirLocked(self._lost)
 
     def release(self) -> None:
@@ -214,13 +220,18 @@ class WorkdirLock:
 def _held_message(workdir: str, path: str, rec: dict, stale_after_s: float) -> str:
     pid, host, age = rec["pid"], rec["host"], max(time.time() - rec["heartbeat"], 0)
     running = f", running `{rec['command']}`" if rec.get("command") else ""
-    lost = (f" If {host} is lost for good, the lock is taken over once its heartbeat is {stale_after_s:.0f} s old."
-            if host != socket.gethostname() else "")
-    return (f"workdir {workdir} is in use by another run: pid {pid} on host {host} (started "
-            f"{rec.get('start_time', '?')}, last heartbeat {age:.0f} s ago{running}; lock {path}). Wait for it to "
-            f"finish, or stop it with `kill {pid}` on {host} (it saves a checkpoint on SIGTERM) and rerun this "
-            f"command to resume, or pass another --workdir.{lost} Meanwhile `python sample.py --workdir={workdir}` "
-            f"and `python -m ddpm_jax.evaluate --workdir={workdir}` can read the run.")
+    lost = (
+        f" If {host} is lost for good, the lock is taken over once its heartbeat is {stale_after_s:.0f} s old."
+        if host != socket.gethostname()
+        else ""
+    )
+    return (
+        f"workdir {workdir} is in use by another run: pid {pid} on host {host} (started "
+        f"{rec.get('start_time', '?')}, last heartbeat {age:.0f} s ago{running}; lock {path}). Wait for it to "
+        f"finish, or stop it with `kill {pid}` on {host} (it saves a checkpoint on SIGTERM) and rerun this "
+        f"command to resume, or pass another --workdir.{lost} Meanwhile `python sample.py --workdir={workdir}` "
+        f"and `python -m ddpm_jax.evaluate --workdir={workdir}` can read the run."
+    )
 
 
 def check(workdir: str, *, stale_after_s: float = 600.0) -> None:
@@ -239,8 +250,15 @@ def check(workdir: str, *, stale_after_s: float = 600.0) -> None:
         raise errors.WorkdirLocked(_held_message(str(workdir), os.fspath(path), held, stale_after_s))
 
 
-def acquire(workdir: str, *, command: str | None = None, stale_after_s: float = 600.0, process_index: int = 0,
-            heartbeat_s: float | None = None, say: Callable[[str], object] = print) -> WorkdirLock:
+def acquire(
+    workdir: str,
+    *,
+    command: str | None = None,
+    stale_after_s: float = 600.0,
+    process_index: int = 0,
+    heartbeat_s: float | None = None,
+    say: Callable[[str], object] = print,
+) -> WorkdirLock:
     """Takes `<workdir>/run.lock` for this run (creating workdir), or raises errors.WorkdirLocked.
 
     Args:
@@ -254,10 +272,15 @@ def acquire(workdir: str, *, command: str | None = None, stale_after_s: float = 
         return WorkdirLock(None, None)
     store = (_Store if "://" in str(workdir) else _LocalStore)(str(workdir))
     path, claim = store.path(LOCK_NAME), None
-    record = {**_machine(), "pid": os.getpid(), "proc_start": _proc_start(os.getpid()),
-              "start_time": datetime.datetime.now().astimezone().isoformat(sep=" ", timespec="seconds"),
-              "heartbeat": time.time(), "command": shlex.join(sys.argv) if command is None else command,
-              "token": uuid.uuid4().hex}
+    record = {
+        **_machine(),
+        "pid": os.getpid(),
+        "proc_start": _proc_start(os.getpid()),
+        "start_time": datetime.datetime.now().astimezone().isoformat(sep=" ", timespec="seconds"),
+        "heartbeat": time.time(),
+        "command": shlex.join(sys.argv) if command is None else command,
+        "token": uuid.uuid4().hex,
+    }
     data = json.dumps(record).encode()
     for _ in range(5):
         took = None
@@ -278,6 +301,12 @@ def acquire(workdir: str, *, command: str | None = None, stale_after_s: float = 
             if took:
                 say(f"{took} (Its lock is kept as {store.path(claim)}.)")
             return WorkdirLock(store, record, stale_after_s / 4 if heartbeat_s is None else heartbeat_s)
-    raise errors.WorkdirLocked(f"could not take the lock {path}: it changed under every try" + (
-        f"; {store.path(claim)} says another process is taking it over. If no other train.py is starting on this "
-        f"workdir, one stopped while doing so: move that file aside and rerun." if claim else "; rerun."))
+    raise errors.WorkdirLocked(
+        f"could not take the lock {path}: it changed under every try"
+        + (
+            f"; {store.path(claim)} says another process is taking it over. If no other train.py is starting on this "
+            f"workdir, one stopped while doing so: move that file aside and rerun."
+            if claim
+            else "; rerun."
+        )
+    )

@@ -19,7 +19,7 @@ DDPM_JAX_COMPILATION_CACHE=0 turns it off; a JAX_COMPILATION_CACHE_DIR of the us
 from __future__ import annotations
 
 import os
-from typing import MutableMapping
+from collections.abc import MutableMapping
 
 YNN_FLAG = "--xla_cpu_experimental_ynn_fusion_type"
 # Every YNNPACK fusion kind except "individual_convolution".

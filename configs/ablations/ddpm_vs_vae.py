@@ -4,5 +4,4 @@ from configs.ablations._common import DEFAULT_CELL, grid
 
 
 def get_grid():
-    return grid({"default": DEFAULT_CELL,
-                 "vae": {"config": "configs/vae.py"}})
+    return grid({"default": DEFAULT_CELL, "vae": {"config": "configs/vae.py"}})

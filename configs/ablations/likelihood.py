@@ -5,13 +5,20 @@ sessions: `python -m ddpm_jax.ablation --grid=configs/ablations/likelihood.py [-
 
 def get_grid():
     vlb = {"diffusion.loss_type": "vlb", "diffusion.timestep_sampler": "importance"}
-    return {"base": "configs/default.py",
-            "overrides": {"training.eval_every": 250},
-            "cells": {"ladder_vae": {"config": "configs/vae.py"},
-                      "ladder_hvae": {"config": "configs/hvae.py"},
-                      "ladder_ddpm": {},  # simple loss, fixed_small, linear: the paper's setting
-                      "ladder_iddpm": {"diffusion.schedule": "cosine", "diffusion.variance": "learned_range",
-                                       "diffusion.loss_type": "hybrid"},
-                      "ladder_vlb_importance": vlb,
-                      "ladder_learned_schedule": {**vlb, "diffusion.schedule": "learned"},
-                      "ladder_vdm": {"config": "configs/vdm.py"}}}
+    return {
+        "base": "configs/default.py",
+        "overrides": {"training.eval_every": 250},
+        "cells": {
+            "ladder_vae": {"config": "configs/vae.py"},
+            "ladder_hvae": {"config": "configs/hvae.py"},
+            "ladder_ddpm": {},  # simple loss, fixed_small, linear: the paper's setting
+            "ladder_iddpm": {
+                "diffusion.schedule": "cosine",
+                "diffusion.variance": "learned_range",
+                "diffusion.loss_type": "hybrid",
+            },
+            "ladder_vlb_importance": vlb,
+            "ladder_learned_schedule": {**vlb, "diffusion.schedule": "learned"},
+            "ladder_vdm": {"config": "configs/vdm.py"},
+        },
+    }

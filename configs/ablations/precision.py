@@ -8,6 +8,4 @@ from configs.ablations._common import DEFAULT_CELL, grid
 
 
 def get_grid():
-    return grid({"default": DEFAULT_CELL,
-                 "seed1": {"seed": 1},
-                 "bf16": {"model.dtype": "bfloat16"}})
+    return grid({"default": DEFAULT_CELL, "seed1": {"seed": 1}, "bf16": {"model.dtype": "bfloat16"}})

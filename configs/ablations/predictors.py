@@ -4,7 +4,11 @@ from configs.ablations._common import DEFAULT_CELL, grid
 
 
 def get_grid():
-    return grid({"default": DEFAULT_CELL,
-                 "x0": {"diffusion.parameterization": "x0"},
-                 "mean": {"diffusion.parameterization": "mean"},
-                 "v": {"diffusion.parameterization": "v"}})
+    return grid(
+        {
+            "default": DEFAULT_CELL,
+            "x0": {"diffusion.parameterization": "x0"},
+            "mean": {"diffusion.parameterization": "mean"},
+            "v": {"diffusion.parameterization": "v"},
+        }
+    )

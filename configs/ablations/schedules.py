@@ -4,7 +4,11 @@ from configs.ablations._common import DEFAULT_CELL, grid
 
 
 def get_grid():
-    return grid({"default": DEFAULT_CELL,
-                 "quadratic": {"diffusion.schedule": "quadratic"},
-                 "cosine": {"diffusion.schedule": "cosine"},
-                 "constant": {"diffusion.schedule": "constant"}})
+    return grid(
+        {
+            "default": DEFAULT_CELL,
+            "quadratic": {"diffusion.schedule": "quadratic"},
+            "cosine": {"diffusion.schedule": "cosine"},
+            "constant": {"diffusion.schedule": "constant"},
+        }
+    )

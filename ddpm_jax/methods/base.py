@@ -44,6 +44,7 @@ class Method(abc.ABC):
     @classmethod
     def validate(cls, config: ml_collections.ConfigDict) -> None:
         """Raises errors.ConfigError for a method-specific config value that cannot work."""
+        return None
 
     # ------------------------------------------------------------------ parameters
     @abc.abstractmethod
@@ -65,8 +66,15 @@ class Method(abc.ABC):
         """
 
     @abc.abstractmethod
-    def loss_terms(self, params: Params, x: chex.Array, inputs: dict, *, train: bool = False,
-                   dropout_rng: chex.PRNGKey | None = None) -> dict:
+    def loss_terms(
+        self,
+        params: Params,
+        x: chex.Array,
+        inputs: dict,
+        *,
+        train: bool = False,
+        dropout_rng: chex.PRNGKey | None = None,
+    ) -> dict:
         """Per-example training loss `loss` [B] and its parts (logged as their batch means)."""
 
     def update_loss_history(self, history, inputs: dict, terms: dict, gather):
@@ -80,8 +88,9 @@ class Method(abc.ABC):
         estimate of the whole bound in bits/dim; per example."""
 
     @abc.abstractmethod
-    def bound_terms(self, params: Params, x: chex.Array, keys: chex.PRNGKey, rng: chex.PRNGKey, *,
-                    num_strata: int) -> dict:
+    def bound_terms(
+        self, params: Params, x: chex.Array, keys: chex.PRNGKey, rng: chex.PRNGKey, *, num_strata: int
+    ) -> dict:
         """The negative ELBO per example in bits/dim (`total_bpd` [B]) and its parts.
 
         num_strata = 0 asks for the most exact bound the method has (all T terms of a discrete
@@ -93,8 +102,17 @@ class Method(abc.ABC):
 
     # ------------------------------------------------------------------ sampling
     @abc.abstractmethod
-    def sample(self, params: Params, rng: chex.PRNGKey, num: int, *, sampler: str, num_steps: int | None,
-               eta: float, num_frames: int = 0) -> dict:
+    def sample(
+        self,
+        params: Params,
+        rng: chex.PRNGKey,
+        num: int,
+        *,
+        sampler: str,
+        num_steps: int | None,
+        eta: float,
+        num_frames: int = 0,
+    ) -> dict:
         """`num` samples [num, H, W, C] in [-1, 1] (`samples`), and with num_frames > 0 the chain's
         frames (`frames`, `pred_x0` [F, num, H, W, C], `frame_t` [F]) where the method has a chain."""
 
@@ -103,8 +121,10 @@ class Method(abc.ABC):
         from ddpm_jax.errors import ConfigError
 
         if sampler not in self.samplers:
-            raise ConfigError(f"--sampler={sampler!r} is not available for method {self.name!r}; use one of "
-                              f"{', '.join(self.samplers)}.")
+            raise ConfigError(
+                f"--sampler={sampler!r} is not available for method {self.name!r}; use one of "
+                f"{', '.join(self.samplers)}."
+            )
 
     def sampler_label(self, sampler: str, num_steps: int | None) -> str:
         """How tables name a sampler run: "respaced100", "ddim50", "ancestral"."""

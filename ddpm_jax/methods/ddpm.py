@@ -86,8 +86,11 @@ class DDPM(Method):
         else:
             self._fixed_schedule = schedules.make_schedule(d.schedule, d.num_timesteps)
             self._init_model = unet
-            self.model = (learned_schedule.DiffusionModel(unet, d.num_timesteps, decoder_channels=decoder_channels)
-                          if decoder_channels else unet)
+            self.model = (
+                learned_schedule.DiffusionModel(unet, d.num_timesteps, decoder_channels=decoder_channels)
+                if decoder_channels
+                else unet
+            )
         self._fixed_condition = None
         if self.condition_on == "log_snr" and self._fixed_schedule is not None:
             a = np.asarray(self._fixed_schedule.sqrt_alphas_cumprod, np.float64)
@@ -101,31 +104,52 @@ class DDPM(Method):
             checks.require(section in config, section, "missing section; start from configs/default.py.")
         diff, m = config.diffusion, config.model
         checks.one_of(diff.schedule, schedules.SCHEDULE_NAMES + (learned_schedule.LEARNED,), "diffusion.schedule")
-        checks.require(checks.is_int(diff.num_timesteps) and diff.num_timesteps >= 1, "diffusion.num_timesteps",
-                       f"must be an integer >= 1 (the number of diffusion steps T; the paper uses 1000), "
-                       f"got {diff.num_timesteps!r}.")
-        for field, valid in (("parameterization", diffusion.PARAMETERIZATIONS), ("variance", diffusion.VARIANCES),
-                             ("loss_type", diffusion.LOSS_TYPES), ("timestep_sampler", timesteps.TIMESTEP_SAMPLERS)):
+        checks.require(
+            checks.is_int(diff.num_timesteps) and diff.num_timesteps >= 1,
+            "diffusion.num_timesteps",
+            f"must be an integer >= 1 (the number of diffusion steps T; the paper uses 1000), "
+            f"got {diff.num_timesteps!r}.",
+        )
+        for field, valid in (
+            ("parameterization", diffusion.PARAMETERIZATIONS),
+            ("variance", diffusion.VARIANCES),
+            ("loss_type", diffusion.LOSS_TYPES),
+            ("timestep_sampler", timesteps.TIMESTEP_SAMPLERS),
+        ):
             checks.one_of(diff[field], valid, f"diffusion.{field}")
-        checks.require(diff.schedule != learned_schedule.LEARNED or diff.loss_type in ("vlb", "weighted"),
-                       "diffusion.loss_type",
-                       f"a learned schedule is trained by the bound: use 'vlb' or 'weighted', not {diff.loss_type!r} "
-                       "(the unweighted MSE would drive it towards all noise).")
-        checks.require(not (diff.variance in LEARNED_VARIANCES and diff.loss_type in ("simple", "weighted")),
-                       "diffusion.loss_type",
-                       f"{diff.loss_type!r} cannot train variance={diff.variance!r}; use 'hybrid' or 'vlb'.")
-        checks.require(not (diff.timestep_sampler == "importance" and diff.loss_type == "simple"),
-                       "diffusion.timestep_sampler",
-                       "'importance' weighs t by the bound's terms: use it with loss_type 'vlb', 'hybrid' or 'weighted'.")
-        checks.require(not (diff.schedule == "ve" and diff.parameterization == "v"), "diffusion.parameterization",
-                       "'v' is defined for variance-preserving schedules; use 'eps' or 'x0' with 've'.")
+        checks.require(
+            diff.schedule != learned_schedule.LEARNED or diff.loss_type in ("vlb", "weighted"),
+            "diffusion.loss_type",
+            f"a learned schedule is trained by the bound: use 'vlb' or 'weighted', not {diff.loss_type!r} "
+            "(the unweighted MSE would drive it towards all noise).",
+        )
+        checks.require(
+            not (diff.variance in LEARNED_VARIANCES and diff.loss_type in ("simple", "weighted")),
+            "diffusion.loss_type",
+            f"{diff.loss_type!r} cannot train variance={diff.variance!r}; use 'hybrid' or 'vlb'.",
+        )
+        checks.require(
+            not (diff.timestep_sampler == "importance" and diff.loss_type == "simple"),
+            "diffusion.timestep_sampler",
+            "'importance' weighs t by the bound's terms: use it with loss_type 'vlb', 'hybrid' or 'weighted'.",
+        )
+        checks.require(
+            not (diff.schedule == "ve" and diff.parameterization == "v"),
+            "diffusion.parameterization",
+            "'v' is defined for variance-preserving schedules; use 'eps' or 'x0' with 've'.",
+        )
         checks.one_of(_field(diff, "decoder"), DECODERS, "diffusion.decoder")
         checks.one_of(_field(diff, "condition_on"), CONDITIONINGS, "diffusion.condition_on")
         prior_loss, decoder_batch = _field(diff, "prior_loss"), _field(diff, "decoder_batch")
-        checks.require(isinstance(prior_loss, bool), "diffusion.prior_loss", f"must be True or False, got {prior_loss!r}.")
-        checks.require(checks.is_int(decoder_batch) and decoder_batch >= 1, "diffusion.decoder_batch",
-                       f"must be a positive integer (the examples per device whose L_0 at t = 0 trains the learned "
-                       f"decoder's scale on every step), got {decoder_batch!r}.")
+        checks.require(
+            isinstance(prior_loss, bool), "diffusion.prior_loss", f"must be True or False, got {prior_loss!r}."
+        )
+        checks.require(
+            checks.is_int(decoder_batch) and decoder_batch >= 1,
+            "diffusion.decoder_batch",
+            f"must be a positive integer (the examples per device whose L_0 at t = 0 trains the learned "
+            f"decoder's scale on every step), got {decoder_batch!r}.",
+        )
         if diff.schedule == learned_schedule.LEARNED:
             advice = cls.learned_schedule_advice(config)
             if advice:
@@ -133,13 +157,21 @@ class DDPM(Method):
         for field in ("ch", "num_res_blocks", "num_groups"):
             checks.positive_int(m, field, "model")
         ch_mult_ok = isinstance(m.ch_mult, (tuple, list)) and len(m.ch_mult) >= 1
-        checks.require(ch_mult_ok and all(checks.is_int(c) and c >= 1 for c in m.ch_mult), "model.ch_mult",
-                       f"must be a non-empty tuple of positive integers, e.g. (1, 2), got {m.ch_mult!r}.")
-        checks.require(isinstance(m.attn_resolutions, (tuple, list))
-                       and all(checks.is_int(r) for r in m.attn_resolutions), "model.attn_resolutions",
-                       f"must be a tuple of integers (resolutions, e.g. (16,)), got {m.attn_resolutions!r}.")
-        checks.require(checks.is_number(m.dropout) and 0.0 <= m.dropout < 1.0, "model.dropout",
-                       f"must be in [0, 1), got {m.dropout!r} (the paper uses 0.1 on CIFAR-10).")
+        checks.require(
+            ch_mult_ok and all(checks.is_int(c) and c >= 1 for c in m.ch_mult),
+            "model.ch_mult",
+            f"must be a non-empty tuple of positive integers, e.g. (1, 2), got {m.ch_mult!r}.",
+        )
+        checks.require(
+            isinstance(m.attn_resolutions, (tuple, list)) and all(checks.is_int(r) for r in m.attn_resolutions),
+            "model.attn_resolutions",
+            f"must be a tuple of integers (resolutions, e.g. (16,)), got {m.attn_resolutions!r}.",
+        )
+        checks.require(
+            checks.is_number(m.dropout) and 0.0 <= m.dropout < 1.0,
+            "model.dropout",
+            f"must be in [0, 1), got {m.dropout!r} (the paper uses 0.1 on CIFAR-10).",
+        )
         try:  # the UNet's own checks: down-sampling, attention resolutions, groups, dtype
             create_unet(m, config.data.image_size, config.data.channels)
         except ValueError as e:
@@ -150,15 +182,21 @@ class DDPM(Method):
         """What a learned schedule needs that the config leaves out (validate logs it)."""
         diff, advice = config.diffusion, []
         if _field(diff, "decoder") != "learned":
-            advice.append("Its fixed t = 0 decoder has the variance of step 1's posterior, which the schedule sets "
-                          "through beta_1 (a learned one starts with it far narrower than the noise x_1 carries), "
-                          "and L_0 then grows with the square of the network's error: set diffusion.decoder='learned'.")
+            advice.append(
+                "Its fixed t = 0 decoder has the variance of step 1's posterior, which the schedule sets "
+                "through beta_1 (a learned one starts with it far narrower than the noise x_1 carries), "
+                "and L_0 then grows with the square of the network's error: set diffusion.decoder='learned'."
+            )
         if not _field(diff, "prior_loss"):
-            advice.append("Without the prior L_T the training loss is not a bound, and nothing keeps gamma_1 up: "
-                          "set diffusion.prior_loss=True.")
+            advice.append(
+                "Without the prior L_T the training loss is not a bound, and nothing keeps gamma_1 up: "
+                "set diffusion.prior_loss=True."
+            )
         if _field(diff, "condition_on") != "log_snr":
-            advice.append("The network sees the step index, whose noise level moves as the schedule learns: "
-                          "set diffusion.condition_on='log_snr'.")
+            advice.append(
+                "The network sees the step index, whose noise level moves as the schedule learns: "
+                "set diffusion.condition_on='log_snr'."
+            )
         return advice
 
     # ------------------------------------------------------------------ parameters
@@ -184,8 +222,9 @@ class DDPM(Method):
             sched = learned_schedule.schedule_from_params(self._init_model.apply, params)
         variance = "fixed_small" if self.variance in LEARNED_VARIANCES else self.variance
         channels = self.image_shape[-1]
-        log_var = diffusion.model_log_variance(sched, None, jnp.zeros((1, channels)), jnp.zeros((1,), jnp.int32),
-                                               variance)
+        log_var = diffusion.model_log_variance(
+            sched, None, jnp.zeros((1, channels)), jnp.zeros((1,), jnp.int32), variance
+        )
         return 0.5 * log_var[0]
 
     def init_loss_history(self):
@@ -207,8 +246,12 @@ class DDPM(Method):
         return self.apply_fn({"params": params}, method="decoder_log_scale")
 
     def describe(self) -> dict:
-        return {"parameterization": self.parameterization, "variance": self.variance, "decoder": self.decoder,
-                "condition_on": self.condition_on}
+        return {
+            "parameterization": self.parameterization,
+            "variance": self.variance,
+            "decoder": self.decoder,
+            "condition_on": self.condition_on,
+        }
 
     def _condition(self, params):
         """[T] what the network sees for each t with condition_on='log_snr'; None: t itself."""
@@ -231,8 +274,9 @@ class DDPM(Method):
 
     # ------------------------------------------------------------------ training
     def draw_training_inputs(self, keys, x, loss_history, *, position=None):
-        t, weights = timesteps.sample_timesteps(jax.vmap(lambda k: jax.random.fold_in(k, 0))(keys),
-                                                self.num_timesteps, loss_history)
+        t, weights = timesteps.sample_timesteps(
+            jax.vmap(lambda k: jax.random.fold_in(k, 0))(keys), self.num_timesteps, loss_history
+        )
         inputs = {"t": t, "weights": weights, "noise": example_noise(keys, x.shape[1:])}
         if self.decoder == "learned":
             inputs["noise_0"] = decoder_noise(keys, x.shape[1:])
@@ -241,10 +285,17 @@ class DDPM(Method):
     def loss_terms(self, params, x, inputs, *, train=False, dropout_rng=None):
         sched, scale = self.schedule(params), self.decoder_log_scale(params)
         # The learned decoder scale learns only from the dense term below, not from the few draws of t = 0.
-        terms = diffusion.training_losses(sched, self._model_fn(params, train, dropout_rng), x,
-                                          inputs["t"], inputs["noise"], parameterization=self.parameterization,
-                                          variance=self.variance, loss_type=self.loss_type,
-                                          decoder_log_scale=None if scale is None else jax.lax.stop_gradient(scale))
+        terms = diffusion.training_losses(
+            sched,
+            self._model_fn(params, train, dropout_rng),
+            x,
+            inputs["t"],
+            inputs["noise"],
+            parameterization=self.parameterization,
+            variance=self.variance,
+            loss_type=self.loss_type,
+            decoder_log_scale=None if scale is None else jax.lax.stop_gradient(scale),
+        )
         if scale is not None:
             decoder = jnp.mean(self._decoder_bpd(params, sched, scale, x, inputs["noise_0"]))
             terms["decoder_bpd"] = jnp.broadcast_to(jax.lax.stop_gradient(decoder), x.shape[:1])
@@ -259,9 +310,15 @@ class DDPM(Method):
         (the network runs forward only, in eval mode), so its gradient reaches only the decoder scale."""
         k = min(self.decoder_batch, x.shape[0])
         frozen = jax.lax.stop_gradient(params)
-        return diffusion.decoder_bpd(jax.lax.stop_gradient(sched), self._model_fn(frozen), x[:k], noise_0[:k],
-                                     parameterization=self.parameterization, variance=self.variance,
-                                     decoder_log_scale=scale)
+        return diffusion.decoder_bpd(
+            jax.lax.stop_gradient(sched),
+            self._model_fn(frozen),
+            x[:k],
+            noise_0[:k],
+            parameterization=self.parameterization,
+            variance=self.variance,
+            decoder_log_scale=scale,
+        )
 
     def update_loss_history(self, history, inputs, terms, gather):
         return timesteps.update_loss_history(history, gather(inputs["t"]), gather(jax.lax.stop_gradient(terms["vb"])))
@@ -273,13 +330,17 @@ class DDPM(Method):
         if self.decoder == "learned":
             inputs["noise_0"] = decoder_noise(keys, x.shape[1:])
         terms = self.loss_terms(params, x, inputs)
-        terms["bpd_est"] = self.bound_terms(params, x, keys, rng,
-                                            num_strata=self.config.training.bpd_estimate_strata)["total_bpd"]
+        terms["bpd_est"] = self.bound_terms(params, x, keys, rng, num_strata=self.config.training.bpd_estimate_strata)[
+            "total_bpd"
+        ]
         return terms
 
     def bound_terms(self, params, x, keys, rng, *, num_strata):
-        kw = dict(parameterization=self.parameterization, variance=self.variance,
-                  decoder_log_scale=self.decoder_log_scale(params))
+        kw = dict(
+            parameterization=self.parameterization,
+            variance=self.variance,
+            decoder_log_scale=self.decoder_log_scale(params),
+        )
         sched, model_fn = self.schedule(params), self.model_fn(params)
         if num_strata:
             return diffusion.bpd_estimate(sched, model_fn, x, rng, num_strata=num_strata, **kw)
@@ -288,8 +349,9 @@ class DDPM(Method):
 
     def bound_description(self, num_strata: int) -> str:
         if num_strata:
-            return (f"unbiased stratified estimate over t ({num_strata} strata; all T terms: "
-                    "python -m ddpm_jax.evaluate)")
+            return (
+                f"unbiased stratified estimate over t ({num_strata} strata; all T terms: python -m ddpm_jax.evaluate)"
+            )
         return "all T terms"
 
     # ------------------------------------------------------------------ sampling
@@ -299,8 +361,10 @@ class DDPM(Method):
         if sampler != "ancestral" and (num_steps is None or not 1 <= num_steps <= T):
             raise ConfigError(f"--sampler={sampler} needs --steps in [1, {T}] (T of this run), got {num_steps!r}.")
         if sampler == "ddim" and self.config.diffusion.schedule == "ve":
-            raise ConfigError("--sampler=ddim is written for variance-preserving schedules; this run uses 've': "
-                              "use --sampler=respaced or ancestral.")
+            raise ConfigError(
+                "--sampler=ddim is written for variance-preserving schedules; this run uses 've': "
+                "use --sampler=respaced or ancestral."
+            )
         if not 0.0 <= eta <= 1.0:
             raise ConfigError(f"--eta must lie in [0, 1] (0: deterministic DDIM, 1: DDPM-like), got {eta!r}.")
 

@@ -62,11 +62,16 @@ class VDM(Method):
         v = config.vdm
         for field in ("gamma_min", "gamma_max"):
             checks.require(checks.is_number(v[field]), f"vdm.{field}", f"must be a number, got {v[field]!r}.")
-        checks.require(v.gamma_min < v.gamma_max, "vdm.gamma_max",
-                       f"must exceed vdm.gamma_min ({v.gamma_min}); VDM starts at -13.3 and 5, got {v.gamma_max!r}.")
-        checks.require(checks.is_int(v.fourier_min) and checks.is_int(v.fourier_max) and
-                       0 <= v.fourier_min <= v.fourier_max, "vdm.fourier_max",
-                       f"need 0 <= fourier_min <= fourier_max, got {v.fourier_min!r}, {v.fourier_max!r}.")
+        checks.require(
+            v.gamma_min < v.gamma_max,
+            "vdm.gamma_max",
+            f"must exceed vdm.gamma_min ({v.gamma_min}); VDM starts at -13.3 and 5, got {v.gamma_max!r}.",
+        )
+        checks.require(
+            checks.is_int(v.fourier_min) and checks.is_int(v.fourier_max) and 0 <= v.fourier_min <= v.fourier_max,
+            "vdm.fourier_max",
+            f"need 0 <= fourier_min <= fourier_max, got {v.fourier_min!r}, {v.fourier_max!r}.",
+        )
         for field in ("sample_steps", "bound_num_t"):
             checks.positive_int(v, field, "vdm")
         try:
@@ -96,9 +101,11 @@ class VDM(Method):
     def _terms(self, params, x, t, eps, eps_0, eps_fn):
         gamma_fn = self.gamma_fn(params)
         ones = jnp.ones((x.shape[0],))
-        nats = {"recon_bpd": vdm.recon_loss(gamma_fn(0 * ones), x, eps_0),
-                "diffusion_bpd": vdm.diffusion_loss(gamma_fn, eps_fn, x, t, eps),
-                "prior_bpd": vdm.prior_loss(gamma_fn(ones), x)}
+        nats = {
+            "recon_bpd": vdm.recon_loss(gamma_fn(0 * ones), x, eps_0),
+            "diffusion_bpd": vdm.diffusion_loss(gamma_fn, eps_fn, x, t, eps),
+            "prior_bpd": vdm.prior_loss(gamma_fn(ones), x),
+        }
         terms = {k: vdm.nats_to_bpd(v, x) for k, v in nats.items()}
         terms["loss"] = terms["recon_bpd"] + terms["diffusion_bpd"] + terms["prior_bpd"]
         return terms
@@ -109,20 +116,25 @@ class VDM(Method):
         draw, keyed per example), eps for z_t and eps_0 for the decoder's z_0."""
         index, global_batch = position
         u = jax.vmap(lambda k: jax.random.uniform(jax.random.fold_in(k, 0)))(keys)
-        return {"t": (index + u) / global_batch, "weights": jnp.ones_like(u),
-                "noise": example_noise(keys, x.shape[1:]),
-                "noise_0": jax.vmap(lambda k: jax.random.normal(jax.random.fold_in(k, 2), x.shape[1:]))(keys)}
+        return {
+            "t": (index + u) / global_batch,
+            "weights": jnp.ones_like(u),
+            "noise": example_noise(keys, x.shape[1:]),
+            "noise_0": jax.vmap(lambda k: jax.random.normal(jax.random.fold_in(k, 2), x.shape[1:]))(keys),
+        }
 
     def loss_terms(self, params, x, inputs, *, train=False, dropout_rng=None):
-        return self._terms(params, x, inputs["t"], inputs["noise"], inputs["noise_0"],
-                           self._eps_fn(params, train, dropout_rng))
+        return self._terms(
+            params, x, inputs["t"], inputs["noise"], inputs["noise_0"], self._eps_fn(params, train, dropout_rng)
+        )
 
     def eval_terms(self, params, x, keys, rng):
         index = jnp.arange(x.shape[0])
         inputs = self.draw_training_inputs(keys, x, None, position=(index, x.shape[0]))
         terms = self.loss_terms(params, x, inputs)
-        terms["bpd_est"] = self.bound_terms(params, x, keys, rng,
-                                            num_strata=self.config.training.bpd_estimate_strata)["total_bpd"]
+        terms["bpd_est"] = self.bound_terms(params, x, keys, rng, num_strata=self.config.training.bpd_estimate_strata)[
+            "total_bpd"
+        ]
         return terms
 
     def bound_terms(self, params, x, keys, rng, *, num_strata):
@@ -140,9 +152,14 @@ class VDM(Method):
             raise ConfigError(f"--steps must be >= 1 (the discretised chain's length), got {num_steps!r}.")
 
     def sample(self, params, rng, num, *, sampler, num_steps, eta, num_frames=0):
-        return vdm.sample_loop(self.gamma_fn(params), self.model_fn(params), (num,) + self.image_shape, rng,
-                               num_steps=num_steps or self.config.vdm.sample_steps,
-                               clip_denoised=self.config.sampling.clip_denoised)
+        return vdm.sample_loop(
+            self.gamma_fn(params),
+            self.model_fn(params),
+            (num,) + self.image_shape,
+            rng,
+            num_steps=num_steps or self.config.vdm.sample_steps,
+            clip_denoised=self.config.sampling.clip_denoised,
+        )
 
     def schedule(self, params):
         """gamma(t) on a grid of 1001 points of [0, 1] (the continuous schedule has no Schedule table)."""

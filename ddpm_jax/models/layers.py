@@ -65,22 +65,34 @@ def group_norm(num_groups: int, dtype: Dtype, name: str | None = None) -> nn.Gro
     flax reduces in float32 whatever the input (`force_float32_reductions`); only the output is
     cast, which halves the bytes of every norm -> swish in bfloat16.
     """
-    return nn.GroupNorm(num_groups=num_groups, epsilon=GROUPNORM_EPS, dtype=dtype,
-                        param_dtype=jnp.float32, name=name)
+    return nn.GroupNorm(num_groups=num_groups, epsilon=GROUPNORM_EPS, dtype=dtype, param_dtype=jnp.float32, name=name)
 
 
-def conv3x3(features: int, dtype: Dtype, stride: int = 1, init_scale: float = 1.0,
-            name: str | None = None) -> nn.Conv:
+def conv3x3(features: int, dtype: Dtype, stride: int = 1, init_scale: float = 1.0, name: str | None = None) -> nn.Conv:
     """3x3 'SAME' convolution; stride 2 pads (0, 1) per spatial axis, like TF's SAME."""
-    return nn.Conv(features, (3, 3), strides=(stride, stride), padding="SAME",
-                   kernel_init=default_init(init_scale), bias_init=nn.initializers.zeros,
-                   dtype=dtype, param_dtype=jnp.float32, name=name)
+    return nn.Conv(
+        features,
+        (3, 3),
+        strides=(stride, stride),
+        padding="SAME",
+        kernel_init=default_init(init_scale),
+        bias_init=nn.initializers.zeros,
+        dtype=dtype,
+        param_dtype=jnp.float32,
+        name=name,
+    )
 
 
 def dense(features: int, dtype: Dtype, init_scale: float = 1.0, name: str | None = None) -> nn.Dense:
     """Dense over the last axis; on NHWC input this is the reference's 1x1 'NIN' layer."""
-    return nn.Dense(features, kernel_init=default_init(init_scale), bias_init=nn.initializers.zeros,
-                    dtype=dtype, param_dtype=jnp.float32, name=name)
+    return nn.Dense(
+        features,
+        kernel_init=default_init(init_scale),
+        bias_init=nn.initializers.zeros,
+        dtype=dtype,
+        param_dtype=jnp.float32,
+        name=name,
+    )
 
 
 class ResnetBlock(nn.Module):
@@ -132,7 +144,7 @@ class AttnBlock(nn.Module):
         h = group_norm(self.num_groups, self.dtype, "norm")(x).reshape(b, hgt * wid, c)  # [B, HW, C]
         # One fused 1x1 projection; same parameter count as the reference's three NIN layers.
         q, k, v = jnp.split(dense(3 * c, self.dtype, name="qkv")(h), 3, axis=-1)  # 3 x [B, HW, C]
-        logits = jnp.einsum("bqc,bkc->bqk", q * (c ** -0.5), k)  # [B, HW, HW]
+        logits = jnp.einsum("bqc,bkc->bqk", q * (c**-0.5), k)  # [B, HW, HW]
         weights = jax.nn.softmax(logits.astype(jnp.float32), axis=-1).astype(self.dtype)
         h = jnp.einsum("bqk,bkc->bqc", weights, v)  # [B, HW, C]
         h = dense(c, self.dtype, init_scale=0.0, name="proj_out")(h)

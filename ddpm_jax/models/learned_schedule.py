@@ -64,7 +64,9 @@ class MonotoneGamma(nn.Module):
         g_ends = g(jnp.array([0.0, 1.0]))
         g_tau = g(tau)
         start = self.param("gamma_0", nn.initializers.constant(self.gamma_0), ())
-        span_raw = self.param("gamma_span", nn.initializers.constant(_inverse_softplus(self.gamma_1 - self.gamma_0)), ())
+        span_raw = self.param(
+            "gamma_span", nn.initializers.constant(_inverse_softplus(self.gamma_1 - self.gamma_0)), ()
+        )
         return start + jax.nn.softplus(span_raw) * (g_tau - g_ends[0]) / (g_ends[1] - g_ends[0])
 
 

@@ -10,15 +10,26 @@ References:
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import chex
 import flax.linen as nn
 import jax.numpy as jnp
 import ml_collections
 
-from ddpm_jax.models.layers import (DTYPES, AttnBlock, Downsample, ResnetBlock, Upsample, conv3x3, dense,
-                                    get_timestep_embedding, group_norm)
+from ddpm_jax.models.layers import (
+    DTYPES,
+    AttnBlock,
+    Downsample,
+    ResnetBlock,
+    Upsample,
+    conv3x3,
+    dense,
+    get_timestep_embedding,
+    group_norm,
+)
+
 
 class UNet(nn.Module):
     """Noise-prediction UNet: x_t [B, H, W, C] and t [B] -> [B, H, W, out_ch] (float32).
@@ -66,8 +77,9 @@ class UNet(nn.Module):
         chex.assert_rank(t, 1)
         factor = 2 ** (len(self.ch_mult) - 1)
         if x.shape[1] % factor or x.shape[2] % factor:
-            raise ValueError(f"UNet input of size {x.shape[1]}x{x.shape[2]} is not divisible by "
-                             f"{factor} = 2 ** (len(ch_mult) - 1).")
+            raise ValueError(
+                f"UNet input of size {x.shape[1]}x{x.shape[2]} is not divisible by {factor} = 2 ** (len(ch_mult) - 1)."
+            )
         temb = self._time_embedding(t)
         hs = self._down(x, temb, train)
         h = hs[-1]
@@ -123,25 +135,30 @@ def _check_model_config(model_config: ml_collections.ConfigDict, image_size: int
     m = model_config
     num_levels = len(m.ch_mult)
     if num_levels < 1 or m.num_res_blocks < 1:
-        raise ValueError("config.model.ch_mult must be non-empty and config.model.num_res_blocks "
-                         f">= 1; got ch_mult={tuple(m.ch_mult)}, num_res_blocks={m.num_res_blocks}.")
+        raise ValueError(
+            "config.model.ch_mult must be non-empty and config.model.num_res_blocks "
+            f">= 1; got ch_mult={tuple(m.ch_mult)}, num_res_blocks={m.num_res_blocks}."
+        )
     factor = 2 ** (num_levels - 1)
     if image_size % factor:
         raise ValueError(
             f"config.data.image_size={image_size} is not divisible by 2 ** (len(config.model.ch_mult)"
             f" - 1) = {factor} (config.model.ch_mult={tuple(m.ch_mult)} downsamples "
             f"{num_levels - 1} times). Use fewer levels in config.model.ch_mult or an image size "
-            f"that is a multiple of {factor}.")
+            f"that is a multiple of {factor}."
+        )
     valid = valid_attn_resolutions(image_size, num_levels)
     bad = [r for r in m.attn_resolutions if r not in valid]
     if bad:
         raise ValueError(
             f"config.model.attn_resolutions={tuple(m.attn_resolutions)} has {bad}, which the UNet never "
             f"reaches; with config.data.image_size={image_size} and config.model.ch_mult="
-            f"{tuple(m.ch_mult)} the valid resolutions are {valid}.")
+            f"{tuple(m.ch_mult)} the valid resolutions are {valid}."
+        )
     if m.num_groups < 1 or m.ch % m.num_groups:
-        raise ValueError(f"config.model.ch={m.ch} must be divisible by config.model.num_groups="
-                         f"{m.num_groups} (GroupNorm groups).")
+        raise ValueError(
+            f"config.model.ch={m.ch} must be divisible by config.model.num_groups={m.num_groups} (GroupNorm groups)."
+        )
     if not 0.0 <= m.dropout < 1.0:
         raise ValueError(f"config.model.dropout={m.dropout} must lie in [0, 1).")
     if m.dtype not in DTYPES:
@@ -165,6 +182,13 @@ def create_model(model_config: ml_collections.ConfigDict, image_size: int, out_c
     """
     _check_model_config(model_config, image_size)
     m = model_config
-    return UNet(ch=m.ch, ch_mult=tuple(m.ch_mult), num_res_blocks=m.num_res_blocks,
-                attn_resolutions=tuple(m.attn_resolutions), dropout=float(m.dropout),
-                out_ch=out_channels, num_groups=m.num_groups, dtype=DTYPES[m.dtype])
+    return UNet(
+        ch=m.ch,
+        ch_mult=tuple(m.ch_mult),
+        num_res_blocks=m.num_res_blocks,
+        attn_resolutions=tuple(m.attn_resolutions),
+        dropout=float(m.dropout),
+        out_ch=out_channels,
+        num_groups=m.num_groups,
+        dtype=DTYPES[m.dtype],
+    )

@@ -79,8 +79,9 @@ class VAE(nn.Module):
         # One learned log-scale per pixel and channel, shared by all z (as in the DDPM's decoder,
         # whose variance does not depend on the sample either). Stored unbounded under the name
         # "log_scale"; `decode` floors it smoothly at LOG_SCALE_MIN.
-        self.log_scale_raw = self.param("log_scale", nn.initializers.constant(LOG_SCALE_INIT),
-                                        self.image_shape, jnp.float32)
+        self.log_scale_raw = self.param(
+            "log_scale", nn.initializers.constant(LOG_SCALE_INIT), self.image_shape, jnp.float32
+        )
 
     def encode(self, x: chex.Array) -> tuple[jnp.ndarray, jnp.ndarray]:
         """q(z|x): images [B, H, W, C] -> (mean, logvar), each float32 [B, latent_dim]."""
@@ -154,6 +155,11 @@ def create_vae(vae_config: ml_collections.ConfigDict, image_size: int, channels:
             raise ValueError(f"config.vae.{field}: must be a positive integer, got {c[field]!r}.")
     if c.dtype not in DTYPES:
         raise ValueError(f"config.vae.dtype: must be one of {sorted(DTYPES)}, got {c.dtype!r}.")
-    return VAE(latent_dim=int(c.latent_dim), hidden=int(c.hidden),
-               num_hidden_layers=int(c.num_hidden_layers), image_size=int(image_size),
-               channels=int(channels), dtype=DTYPES[c.dtype])
+    return VAE(
+        latent_dim=int(c.latent_dim),
+        hidden=int(c.hidden),
+        num_hidden_layers=int(c.num_hidden_layers),
+        image_size=int(image_size),
+        channels=int(channels),
+        dtype=DTYPES[c.dtype],
+    )
