@@ -2,7 +2,8 @@
 and real train.py / sample.py subprocesses that share one compilation cache.
 
 Compiling the train step dominates on 2 shared CPU cores (minutes for the runlocal UNet), so
-these tests use a one-level UNet without attention, and their subprocesses run with
+these tests use a one-level UNet without attention; in-process runs of the micro config share
+one set of compiled steps (conftest's `steps_for`), and the subprocesses run with
 JAX_DISABLE_MOST_OPTIMIZATIONS and a persistent compilation cache: the first subprocess
 compiles, the next ones load its executables.
 """
@@ -15,31 +16,28 @@ import sys
 import time
 
 from configs import default
+from ddpm_jax import configuration
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 # Everything but the device count is fixed here, so in-process tests that build the same config
-# share compiled steps (ddpm_jax.loop caches them per config).
+# (with the session's data_dir) share compiled steps through conftest's `steps_for`.
 MICRO = {
-    "model.ch_mult": (1,), "model.attn_resolutions": (), "training.final_bpd": False,
-    "training.num_train_steps": 12, "training.eval_every": 1000, "training.sample_every": 1000,
+    "model.ch_mult": (1,),
+    "model.attn_resolutions": (),
+    "training.final_bpd": False,
+    "training.num_train_steps": 12,
+    "training.eval_every": 1000,
+    "training.sample_every": 1000,
     "training.max_nonfinite_steps": 3,
 }
-
-
-def _set(config, dotted, value):
-    *path, last = dotted.split(".")
-    node = config
-    for key in path:
-        node = node[key]
-    node[last] = value
 
 
 def micro_config(data_dir=None, **overrides):
     """runlocal with a one-level, attention-free UNet; overrides use dotted names."""
     config = default.get_config("runlocal")
     for k, v in {**MICRO, **overrides}.items():
-        _set(config, k, v)
+        configuration.set_field(config, k, v)
     config.data.data_dir = data_dir
     return config
 
@@ -59,29 +57,33 @@ def micro_flags(**overrides) -> list:
 def env(base_dir: str, data_dir: str, devices: int = 2) -> dict:
     """Environment for a train.py / sample.py subprocess with `devices` forced CPU devices."""
     out = dict(os.environ)
-    out.update({
-        "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}",
-        "JAX_DISABLE_MOST_OPTIMIZATIONS": "1",
-        "JAX_COMPILATION_CACHE_DIR": os.path.join(base_dir, "jax_cache"),
-        "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0",
-        "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES": "0",
-        "TFDS_DATA_DIR": data_dir,
-        "PYTHONUNBUFFERED": "1",
-        "TF_CPP_MIN_LOG_LEVEL": "2",
-    })
+    out.update(
+        {
+            "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}",
+            "JAX_DISABLE_MOST_OPTIMIZATIONS": "1",
+            "JAX_COMPILATION_CACHE_DIR": os.path.join(base_dir, "jax_cache"),
+            "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0",
+            "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES": "0",
+            "TFDS_DATA_DIR": data_dir,
+            "PYTHONUNBUFFERED": "1",
+            "TF_CPP_MIN_LOG_LEVEL": "2",
+        }
+    )
     return out
 
 
 def start(script: str, args: list, env_: dict, log_path: str) -> subprocess.Popen:
     """Starts `python script args` in the repo root, stdout + stderr into log_path."""
     log = open(log_path, "w")
-    return subprocess.Popen([sys.executable, script] + args, cwd=ROOT, env=env_, stdout=log,
-                            stderr=subprocess.STDOUT, text=True)
+    return subprocess.Popen(
+        [sys.executable, script] + args, cwd=ROOT, env=env_, stdout=log, stderr=subprocess.STDOUT, text=True
+    )
 
 
 def run(script: str, args: list, env_: dict, timeout: float = 300) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, script] + args, cwd=ROOT, env=env_, capture_output=True, text=True,
-                          timeout=timeout)
+    return subprocess.run(
+        [sys.executable, script] + args, cwd=ROOT, env=env_, capture_output=True, text=True, timeout=timeout
+    )
 
 
 def wait_for(predicate, proc: subprocess.Popen, timeout: float = 240, poll: float = 0.02, what: str = ""):

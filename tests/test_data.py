@@ -8,7 +8,7 @@ import pytest
 import tensorflow as tf
 import tensorflow_datasets as tfds
 
-from ddpm_jax import data
+from ddpm_jax import data, pixels
 from ddpm_jax.digits_builder import digits_split_indices
 
 DEVICES = 4  # tests/conftest.py forces 4 CPU devices; passed explicitly where it matters
@@ -16,10 +16,8 @@ LEVELS = {round(k * 255 / 16) for k in range(17)}
 
 
 @pytest.fixture(scope="module")
-def digits_dir(tmp_path_factory):
-    """A tfds data_dir with "digits" prepared once for the whole module."""
-    data_dir = str(tmp_path_factory.mktemp("tfds"))
-    data.load_images("digits", "test", data_dir, process_index=0, process_count=1)
+def digits_dir(data_dir):
+    """The session's tfds data_dir, where "digits" was prepared (conftest)."""
     return data_dir
 
 
@@ -39,7 +37,7 @@ def _synthetic(n=40, h=4, w=4):
 
 def _decode(batch):
     """(indices, flipped) of a [D, P, H, W, 1] batch of _synthetic images, flattened."""
-    u = data.unscale_images(batch).reshape(-1, *batch.shape[2:])
+    u = pixels.unscale_images(batch).reshape(-1, *batch.shape[2:])
     left, right = u[:, 0, 0, 0].astype(int), u[:, 0, -1, 0].astype(int)
     return np.minimum(left, right), left >= 100
 
@@ -70,9 +68,7 @@ def test_digits_match_sklearn(digits, digits_dir):
     from sklearn.datasets import load_digits
 
     sk = load_digits()
-    labels = tfds.as_numpy(
-        tfds.builder("digits", data_dir=digits_dir).as_dataset(split="test", batch_size=-1)
-    )["label"]
+    labels = tfds.as_numpy(tfds.builder("digits", data_dir=digits_dir).as_dataset(split="test", batch_size=-1))["label"]
     for split in ("train", "test"):
         for k in (0, 1, 123, len(digits[split]) - 1):
             i = digits_split_indices()[split][k]
@@ -120,21 +116,27 @@ def test_failed_download_is_a_clear_runtime_error(tmp_path, monkeypatch):
 
 
 def test_scale_unscale_roundtrip():
-    pixels = np.arange(256, dtype=np.uint8).reshape(16, 16, 1)
-    x = data.scale_images(pixels)
+    levels = np.arange(256, dtype=np.uint8).reshape(16, 16, 1)
+    x = pixels.scale_images(levels)
     assert x.dtype == np.float32 and x.min() == -1.0 and x.max() == 1.0
-    np.testing.assert_array_equal(data.scale_images(tf.constant(pixels)).numpy(), x)
-    np.testing.assert_array_equal(data.unscale_images(x), pixels)
-    np.testing.assert_array_equal(data.unscale_images(np.array([-3.0, 3.0])), [0, 255])
+    # x / 127.5 - 1 in float32: within an ulp of the float64 value.
+    np.testing.assert_allclose(x.ravel(), np.arange(256) / 127.5 - 1.0, rtol=0, atol=6e-8)
+    np.testing.assert_array_equal(data.scale_images(levels), x)  # the pipeline's map: NumPy ...
+    np.testing.assert_array_equal(data.scale_images(tf.constant(levels)).numpy(), x)  # ... and tf
+    np.testing.assert_array_equal(pixels.unscale_images(x), levels)
+    np.testing.assert_array_equal(pixels.unscale_images(np.array([-3.0, -1.001, 1.001, 3.0])), [0, 0, 255, 255])
 
 
 # ----------------------------------------------------------------------------- train stream
 
 
-def test_train_batch_shape_dtype_range(digits):
+def test_train_batch_shape_dtype_values(digits):
     (batch,) = _take(data.train_batches(digits["train"], 32, seed=0, num_local_devices=DEVICES), 1)
     assert batch.shape == (DEVICES, 8, 8, 8, 1) and batch.dtype == np.float32
-    assert batch.min() >= -1.0 and batch.max() <= 1.0
+    # The first 32 images of epoch 0's documented order, scaled, split over the devices in order.
+    order = tf.random.experimental.index_shuffle(tf.range(32, dtype=tf.int64), seed=[0, 0], max_index=1499).numpy()
+    expected = pixels.scale_images(digits["train"][order]).reshape(batch.shape)
+    np.testing.assert_array_equal(batch, expected)
     # Defaults come from jax.
     (batch,) = _take(data.train_batches(digits["train"], 8 * jax.local_device_count(), 0), 1)
     assert batch.shape == (jax.local_device_count(), 8, 8, 8, 1)
@@ -165,9 +167,7 @@ def test_each_example_once_per_epoch(batch_size):
     order = np.concatenate([_decode(b)[0] for b in batches])[: epochs * 40].reshape(epochs, 40)
     for e in range(epochs):
         np.testing.assert_array_equal(np.sort(order[e]), np.arange(40))
-        expected = tf.random.experimental.index_shuffle(
-            tf.range(40, dtype=tf.int64), seed=[seed, e], max_index=39
-        )
+        expected = tf.random.experimental.index_shuffle(tf.range(40, dtype=tf.int64), seed=[seed, e], max_index=39)
         np.testing.assert_array_equal(order[e], expected.numpy())  # the documented order
     assert not np.array_equal(order[0], order[1])
 
@@ -181,8 +181,9 @@ def test_flip_only_when_asked():
     assert 0.2 < flips.mean() < 0.8
     for p, f in zip(plain, flipped):  # same images, same order; flipped ones mirrored exactly
         np.testing.assert_array_equal(_decode(p)[0], _decode(f)[0])
-        mirrored = np.where(_decode(f)[1][:, None, None, None], p.reshape(-1, 4, 4, 1)[:, :, ::-1],
-                            p.reshape(-1, 4, 4, 1))
+        mirrored = np.where(
+            _decode(f)[1][:, None, None, None], p.reshape(-1, 4, 4, 1)[:, :, ::-1], p.reshape(-1, 4, 4, 1)
+        )
         np.testing.assert_array_equal(f.reshape(-1, 4, 4, 1), mirrored)
 
 
@@ -206,7 +207,7 @@ def test_eval_batches_cover_split_once(digits):
         assert images.shape == (DEVICES, 8, 8, 8, 1) and images.dtype == np.float32
         assert mask.shape == (DEVICES, 8) and mask.dtype == bool
     real = np.concatenate([x.reshape(-1, 8, 8, 1)[m.reshape(-1)] for x, m in batches])
-    np.testing.assert_array_equal(real, data.scale_images(test))
+    np.testing.assert_array_equal(real, pixels.scale_images(test))
     assert sum(m.sum() for _, m in batches) == 297
     assert not batches[-1][1].all()
 

@@ -13,12 +13,14 @@ import re
 import signal
 import socket
 
+import fault_utils as fu
 import jax
 import numpy as np
 import pytest
 
-import fault_utils as fu
-from ddpm_jax import checkpoint, data, loop, train_lib
+from ddpm_jax import checkpoint, data, evaluation, train_lib
+
+pytestmark = pytest.mark.slow  # two train.py processes
 
 
 def _free_port() -> int:
@@ -27,24 +29,24 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.fixture(scope="module")
-def data_dir(tmp_path_factory):
-    path = str(tmp_path_factory.getbasetemp() / "tfds_faults")
-    data.load_images("digits", "train", path)  # prepared once, before the processes read it
-    return path
-
-
-def _reference_params(config, data_dir, steps):
+def _reference_params(config, data_dir, compiled, steps):
     """One process, 4 devices, the global batches of the 2-process run."""
-    built = loop._build(config)  # the same compiled step as test_faults' in-process runs
-    p_train = built.fns[0]
-    state = train_lib.create_train_state(config, jax.random.PRNGKey(config.seed))
-    rstate = train_lib.replicate(state.replace(apply_fn=built.apply_fn, tx=built.tx))
-    streams = [data.train_batches(data.load_images("digits", config.data.train_split, data_dir, i, 2),
-                                  config.training.batch_size, config.seed, num_local_devices=2, process_count=2)
-               for i in range(2)]
+    state = train_lib.create_train_state(
+        compiled.method, train_lib.make_optimizer(config), jax.random.PRNGKey(config.seed)
+    )
+    rstate = train_lib.replicate(state)
+    streams = [
+        data.train_batches(
+            data.load_images("digits", config.data.train_split, data_dir, i, 2),
+            config.training.batch_size,
+            config.seed,
+            num_local_devices=2,
+            process_count=2,
+        )
+        for i in range(2)
+    ]
     for _ in range(steps):
-        rstate, _ = p_train(rstate, np.concatenate([next(s) for s in streams]))  # [4, B/4, H, W, C]
+        rstate, _ = compiled.train(rstate, np.concatenate([next(s) for s in streams]))  # [4, B/4, H, W, C]
     return train_lib.unreplicate(rstate.params)
 
 
@@ -54,9 +56,20 @@ def _launch(workdir, env, logs, on_started=None):
     procs = []
     try:
         for i, log in enumerate(logs):
-            procs.append(fu.start("train.py", fu.micro_flags() + [
-                f"--workdir={workdir}", f"--coordinator_address={address}", "--num_processes=2",
-                f"--process_id={i}"], env, log))
+            procs.append(
+                fu.start(
+                    "train.py",
+                    fu.micro_flags()
+                    + [
+                        f"--workdir={workdir}",
+                        f"--coordinator_address={address}",
+                        "--num_processes=2",
+                        f"--process_id={i}",
+                    ],
+                    env,
+                    log,
+                )
+            )
         if on_started:
             on_started(procs)
         codes = [p.wait(timeout=400) for p in procs]
@@ -69,7 +82,7 @@ def _launch(workdir, env, logs, on_started=None):
     return texts
 
 
-def test_two_processes_preempted_resume_and_match_one_process(data_dir, tmp_path, tmp_path_factory):
+def test_two_processes_preempted_resume_and_match_one_process(data_dir, steps_for, tmp_path, tmp_path_factory):
     assert jax.local_device_count() == 4
     env = fu.env(str(tmp_path_factory.getbasetemp()), data_dir, devices=2)
     workdir = str(tmp_path / "run")
@@ -94,8 +107,9 @@ def test_two_processes_preempted_resume_and_match_one_process(data_dir, tmp_path
     mngr = checkpoint.make_manager(workdir, read_only=True)
     assert mngr.latest_step() == steps
     saved = mngr.restore(steps)["params"]
-    assert loop.params_digest(saved) == digests[0]  # the checkpoint holds what the processes held
-    reference = _reference_params(config, data_dir, steps)
+    assert evaluation.params_digest(saved) == digests[0]  # the checkpoint holds what the processes held
+    # The same compiled step as test_faults' in-process runs of the micro config.
+    reference = _reference_params(config, data_dir, steps_for(config), steps)
     jax.tree_util.tree_map(lambda a, b: np.testing.assert_allclose(a, b, rtol=2e-5, atol=1e-6), saved, reference)
 
     # Only process 0 wrote: one record per log step, and the pictures.

@@ -1,29 +1,28 @@
 """Every bad input is answered with an error naming the problem and the fix, never a traceback.
 
-One table of in-process cases (config values, data, checkpoints, workdirs, flags of the
-multi-process start) and a few real command lines (train.py / sample.py), run concurrently
-since each pays the imports.
+Tables of in-process cases (config values, data, checkpoints, workdirs, flags of the
+multi-process start, train.py / sample.py command lines through cli.run) and one real train.py
+process, for the `error: ...` line without a traceback.
 """
 
+import contextlib
 import glob
+import importlib.util
 import os
 import shutil
 import subprocess
 import sys
 
+import chex  # noqa: F401 - its absl flags exist before script_flags() takes its snapshot
+import fault_utils as fu
 import jax
 import pytest
+from absl import app, flags
 
-import fault_utils as fu
-from ddpm_jax import checkpoint, data, distributed, loop, sample_lib, train_lib
-from ddpm_jax.validation import ConfigError, UserError, validate_config
-
-
-@pytest.fixture(scope="module")
-def data_dir(tmp_path_factory):
-    path = str(tmp_path_factory.getbasetemp() / "tfds_faults")
-    data.load_images("digits", "train", path)
-    return path
+from ddpm_jax import checkpoint, cli, data, distributed, errors, evaluation, loop, methods, sample_lib, train_lib
+from ddpm_jax.errors import CheckpointError, ConfigError, DataError, UserError
+from ddpm_jax.run import load_run
+from ddpm_jax.validation import validate_config
 
 
 @pytest.fixture(scope="module")
@@ -31,7 +30,10 @@ def trained(tmp_path_factory, data_dir):
     """A workdir with config.json and complete checkpoints at steps 2 and 4 of the micro config."""
     workdir = str(tmp_path_factory.mktemp("errors") / "run")
     config = fu.micro_config(data_dir)
-    state = jax.device_get(train_lib.create_train_state(config, jax.random.PRNGKey(0)))
+    method = methods.from_config(config)
+    state = jax.device_get(
+        train_lib.create_train_state(method, train_lib.make_optimizer(config), jax.random.PRNGKey(0))
+    )
     mngr = checkpoint.make_manager(workdir)
     for step in (2, 4):
         checkpoint.save(mngr, state.replace(step=step))
@@ -54,16 +56,26 @@ CONFIG_CASES = [
     ("channels", {"data.channels": 2}, ["config.data.channels", "must be 1 or 3, got 2"]),
     ("dropout=1", {"model.dropout": 1.0}, ["config.model.dropout", "must be in [0, 1), got 1.0"]),
     ("dropout<0", {"model.dropout": -0.5}, ["config.model.dropout", "got -0.5"]),
-    ("batch vs devices", {"training.batch_size": 6},
-     ["config.training.batch_size", "6 is not divisible by the 4 devices", "use a multiple of 4 (e.g. 4 or 8)"]),
-    ("image vs down-sampling", {"data.image_size": 6, "model.ch_mult": (1, 2, 2)},
-     ["config.data.image_size=6 is not divisible by 2 ** (len(config.model.ch_mult) - 1) = 4",
-      "Use fewer levels in config.model.ch_mult"]),
-    ("attention resolution", {"model.attn_resolutions": (16,), "model.ch_mult": (1, 2)},
-     ["config.model.attn_resolutions=(16,)", "never reaches", "valid resolutions are (8, 4)"]),
+    (
+        "batch vs devices",
+        {"training.batch_size": 6},
+        ["config.training.batch_size", "6 is not divisible by the 4 devices", "use a multiple of 4 (e.g. 4 or 8)"],
+    ),
+    (
+        "image vs down-sampling",
+        {"data.image_size": 6, "model.ch_mult": (1, 2, 2)},
+        [
+            "config.data.image_size=6 is not divisible by 2 ** (len(config.model.ch_mult) - 1) = 4",
+            "Use fewer levels in config.model.ch_mult",
+        ],
+    ),
+    (
+        "attention resolution",
+        {"model.attn_resolutions": (16,), "model.ch_mult": (1, 2)},
+        ["config.model.attn_resolutions=(16,)", "never reaches", "valid resolutions are (8, 4)"],
+    ),
     ("ch_mult type", {"model.ch_mult": ("(1,x)",)}, ["config.model.ch_mult", "tuple of positive integers"]),
-    ("NaN limit", {"training.max_nonfinite_steps": 0},
-     ["config.training.max_nonfinite_steps", "positive integer"]),
+    ("NaN limit", {"training.max_nonfinite_steps": 0}, ["config.training.max_nonfinite_steps", "positive integer"]),
     ("schedule", {"diffusion.schedule": "cosin"}, ["config.diffusion.schedule", "unknown 'cosin'", "cosine"]),
     ("dtype", {"model.dtype": "float16"}, ["config.model.dtype='float16'", "bfloat16", "float32"]),
 ]
@@ -99,8 +111,11 @@ def _empty_step(workdir):
 
 # (name, how to break a copy of the trained workdir, expected pieces)
 CHECKPOINT_CASES = [
-    ("damaged data", _damage_data,
-     ["checkpoints/4 is damaged or incomplete", "resume from the previous checkpoint (step 2)"]),
+    (
+        "damaged data",
+        _damage_data,
+        ["checkpoints/4 is damaged or incomplete", "resume from the previous checkpoint (step 2)"],
+    ),
     ("missing metadata", _damage_metadata, ["checkpoints/4 is damaged or incomplete", "Delete that folder"]),
     ("empty step folder", _empty_step, ["checkpoints/6 is damaged or incomplete", "previous checkpoint (step 4)"]),
 ]
@@ -112,18 +127,21 @@ def test_damaged_checkpoints(trained, tmp_path, name, damage, expected):
     workdir, _, state = trained
     workdir = _copy(workdir, tmp_path)
     damage(workdir)
-    with pytest.raises(checkpoint.CheckpointError) as info:
+    with pytest.raises(CheckpointError) as info:
         checkpoint.restore_latest(checkpoint.make_manager(workdir), state)
     for piece in expected:
         assert piece in str(info.value), (name, str(info.value))
-    with pytest.raises(checkpoint.CheckpointError):  # sample.py reads through the same check
-        sample_lib.restore_run(workdir)
+    with pytest.raises(CheckpointError):  # sample.py and evaluate read through the same check
+        load_run(workdir)
 
 
 def test_checkpoint_of_another_model_shape(trained, data_dir):
     workdir, _, _ = trained
-    wider = train_lib.create_train_state(_config(data_dir, **{"model.ch": 16}), jax.random.PRNGKey(0))
-    with pytest.raises(checkpoint.CheckpointError) as info:
+    config = _config(data_dir, **{"model.ch": 16})
+    wider = train_lib.abstract_train_state(
+        methods.from_config(config), train_lib.make_optimizer(config), jax.random.PRNGKey(0)
+    )
+    with pytest.raises(CheckpointError) as info:
         checkpoint.restore_latest(checkpoint.make_manager(workdir), wider)
     message = str(info.value)
     assert "was made for another model or image size" in message and "checkpoint (8,) vs model (16,)" in message
@@ -132,7 +150,7 @@ def test_checkpoint_of_another_model_shape(trained, data_dir):
 
 def test_workdir_of_another_image_size(trained, data_dir, tmp_path):
     workdir = _copy(trained[0], tmp_path)  # conv weights do not depend on the image size: config.json tells
-    with pytest.raises(checkpoint.CheckpointError) as info:
+    with pytest.raises(CheckpointError) as info:  # before anything is compiled
         loop.train_and_evaluate(_config(data_dir, **{"data.image_size": 16}), workdir)
     message = str(info.value)
     assert "config.data.image_size=8 in the checkpoint, 16 now" in message
@@ -149,70 +167,146 @@ def test_data_errors(data_dir, monkeypatch):
     # without a network, so it is cut short with download=False; the message is the same).
     real = data.load_images
     monkeypatch.setattr(data, "load_images", lambda *a, **k: real(*a, **k, download=False))
-    with pytest.raises(loop.DataError, match="'mnist' is not prepared.*Prepare it on a machine with a network"):
-        loop.load_split(_config(data_dir, **{"data.dataset": "mnist"}), "train")
+    with pytest.raises(DataError, match="'mnist' is not prepared.*Prepare it on a machine with a network"):
+        evaluation.load_split(_config(data_dir, **{"data.dataset": "mnist"}), "train")
 
 
 def test_sample_errors(trained, tmp_path):
-    with pytest.raises(checkpoint.CheckpointError, match=r"no training run in .*config.json is missing"):
-        sample_lib.restore_run(str(tmp_path / "nothing"))
+    with pytest.raises(CheckpointError, match=r"no training run in .*config.json is missing"):
+        load_run(str(tmp_path / "nothing"))
     empty = str(tmp_path / "empty")
     checkpoint.save_config(empty, trained[1])
     os.makedirs(os.path.join(empty, "checkpoints"))
-    with pytest.raises(checkpoint.CheckpointError, match=r"holds no checkpoint: train first \(python train.py"):
-        sample_lib.restore_run(empty)
+    with pytest.raises(CheckpointError, match=r"holds no checkpoint: train first \(python train.py"):
+        load_run(empty)
+    with pytest.raises(ConfigError, match=r"which='best': use 'ema' or 'raw'"):
+        load_run(trained[0], which="best")
     for num in (-3, 0, 2.5, "7"):
         with pytest.raises(ValueError, match=r"--num must be a whole number >= 1"):
             sample_lib.sample_from_workdir(trained[0], num)
+    # --out: checked before the run is even looked at (a workdir that does not exist here).
+    for out in ("grid.jpg", str(tmp_path / "x.npz"), "a.b.PDF"):
+        with pytest.raises(ConfigError, match=r"grids are written as PNG; give a .png path, a bare name"):
+            sample_lib.sample_from_workdir(str(tmp_path / "nothing"), 4, out=out)
 
 
-@pytest.mark.parametrize("kwargs,expected", [
-    ({"coordinator_address": "localhost:1234"}, "--num_processes, --process_id not given"),
-    ({"coordinator_address": "localhost", "num_processes": 2, "process_id": 0}, "must be host:port"),
-    ({"coordinator_address": "localhost:1234", "num_processes": 2, "process_id": 2},
-     "--process_id=2 must be in [0, 2)"),
-])
+def test_sample_output_paths(tmp_path):
+    folder = str(tmp_path)
+    assert sample_lib.output_paths(None, "runs/x", 3) == os.path.join("runs/x", "sample_seed3.png")
+    assert sample_lib.output_paths(os.path.join(folder, "g.png"), "w", 0) == os.path.join(folder, "g.png")
+    assert sample_lib.output_paths(os.path.join(folder, "g.PNG"), "w", 0) == os.path.join(folder, "g.png")
+    assert sample_lib.output_paths(os.path.join(folder, "g"), "w", 0) == os.path.join(folder, "g.png")  # a stem
+    assert sample_lib.output_paths(folder, "w", 7) == os.path.join(folder, "sample_seed7.png")  # a folder
+    assert sample_lib.output_paths("new/", "w", 7) == os.path.join("new", "sample_seed7.png")
+    with pytest.raises(ConfigError, match=r"--out=g.jpeg"):
+        sample_lib.output_paths("g.jpeg", "w", 0)
+
+
+@pytest.mark.parametrize(
+    "kwargs,expected",
+    [
+        ({"coordinator_address": "localhost:1234"}, "--num_processes, --process_id not given"),
+        ({"coordinator_address": "localhost", "num_processes": 2, "process_id": 0}, "must be host:port"),
+        (
+            {"coordinator_address": "localhost:1234", "num_processes": 2, "process_id": 2},
+            "--process_id=2 must be in [0, 2)",
+        ),
+    ],
+)
 def test_bad_multi_process_settings(kwargs, expected):
     with pytest.raises(distributed.DistributedError) as info:
         distributed.initialize(**kwargs)
     assert expected in str(info.value)
 
 
-def test_command_lines(trained, data_dir, tmp_path, tmp_path_factory):
-    """Real train.py / sample.py invocations: `error: ...`, a non-zero exit and no traceback.
+@contextlib.contextmanager
+def script_flags(script):
+    """The absl flags `script` (train.py, sample.py) defines, on the global FLAGS, for this block only.
 
-    Only cases that fail before TensorFlow is imported (~10 s a process here); the others go
-    through the same `error: ...` printing and are checked in-process above (test_train runs
-    sample.py on an empty workdir).
+    Yields (its module, its --config default or None). Afterwards every flag defined since (the
+    script's own, and the --config.* overrides ml_collections adds while parsing) is deleted.
     """
+    app.define_help_flags()  # absl's own, defined by the first app.run: kept out of the snapshot
+    before = set(flags.FLAGS)
+    spec = importlib.util.spec_from_file_location(
+        f"_script_{os.path.splitext(script)[0]}", os.path.join(fu.ROOT, script)
+    )
+    module = importlib.util.module_from_spec(spec)
+    try:
+        spec.loader.exec_module(module)
+        yield module, getattr(module, "_DEFAULT_CONFIG", None)
+    finally:
+        flags.FLAGS.unparse_flags()
+        for name in set(flags.FLAGS) - before:
+            delattr(flags.FLAGS, name)
+
+
+# (argv, expected pieces of the `error: ...` line)
+COMMAND_LINE_CASES = [
+    (
+        ["train.py", "--config=configs/default.py:runlocal", "--config.training.batch_sise=8"],
+        ["unknown config field config.training.batch_sise", "Did you mean config.training.batch_size?"],
+    ),
+    (
+        ["train.py", "--config=configs/default.py:runlocal", "--config.trainin.lr=1"],
+        ["unknown config field config.trainin", "Did you mean config.training?"],
+    ),
+    (
+        ["train.py", "--config=configs/default.py:runlocal", "--config.training.batch_size=abc"],
+        ["--config.training.batch_size=abc", "holds a value of type int (default 8)"],
+    ),
+    (["train.py", "--config=configs/nope.py"], ["--config=configs/nope.py: no such file", "configs/"]),
+    (
+        [
+            "train.py",
+            "--config=configs/default.py:runlocal",
+            "--coordinator_address=localhost:1",
+            "--num_processes=2",
+            "--process_id=3",
+        ],
+        ["--process_id=3 must be in [0, 2)"],
+    ),
+    (["sample.py", "--num=-1", "--workdir=runs/nothing"], ["--num=-1: -1 is not a positive integer", "How many"]),
+]
+
+
+@pytest.mark.parametrize("argv,expected", COMMAND_LINE_CASES, ids=[c[0][-1] for c in COMMAND_LINE_CASES])
+def test_command_lines(argv, expected, monkeypatch):
+    """train.py / sample.py command lines through cli.run (flags_parser, then main), in-process:
+    they exit with `error: ...` (sys.exit prints it to stderr, with status 1)."""
+    monkeypatch.chdir(fu.ROOT)
+    monkeypatch.setattr(sys, "argv", list(argv))  # app.run parses sys.argv; ml_collections reads its overrides
+    with pytest.raises(SystemExit) as info:
+        with script_flags(argv[0]) as (script, config_default):  # train.py checks its --config.* at import
+            cli.run(script.main, config_default=config_default)
+    message = str(info.value.code)
+    assert message.startswith("error: "), message
+    for piece in expected:
+        assert piece in message, (argv, message)
+
+
+@pytest.mark.slow
+def test_command_line_prints_one_error_line_without_traceback(data_dir, tmp_path, tmp_path_factory):
+    """A real train.py process (a case that fails before TensorFlow is imported): `error: ...`, a
+    non-zero exit and no traceback."""
     env = fu.env(str(tmp_path_factory.getbasetemp()), data_dir, devices=1)
-    workdir = str(tmp_path / "w")
-    train = ["train.py", "--config=configs/default.py:runlocal", f"--workdir={workdir}"]
-    cases = [
-        (train + ["--config.training.batch_sise=8"],
-         ["unknown config field config.training.batch_sise", "Did you mean config.training.batch_size?"]),
-        (train + ["--config.trainin.lr=1"], ["unknown config field config.trainin", "Did you mean config.training?"]),
-        (train + ["--config.training.batch_size=abc"],
-         ["--config.training.batch_size=abc", "holds a value of type int (default 8)"]),
-        (["train.py", "--config=configs/nope.py"], ["--config=configs/nope.py: no such file", "configs/"]),
-        (train + ["--coordinator_address=localhost:1", "--num_processes=2", "--process_id=3"],
-         ["--process_id=3 must be in [0, 2)"]),
-        (["sample.py", "--num=-1", f"--workdir={trained[0]}"],
-         ["--num=-1: -1 is not a positive integer", "How many"]),
-    ]
-    procs = [subprocess.Popen([sys.executable] + args, cwd=fu.ROOT, env=env, stdout=subprocess.PIPE,
-                              stderr=subprocess.PIPE, text=True) for args, _ in cases]
-    for (args, expected), proc in zip(cases, procs):
-        out, err = proc.communicate(timeout=300)
-        assert proc.returncode != 0, (args, out, err)
-        assert "Traceback" not in err, (args, err)
-        line = [l for l in err.splitlines() if l.startswith("error: ")]
-        assert line, (args, err[-2000:])
-        for piece in expected:
-            assert piece in line[-1], (args, line[-1])
+    argv, expected = COMMAND_LINE_CASES[4]
+    proc = subprocess.run(
+        [sys.executable] + argv + [f"--workdir={tmp_path / 'w'}"],
+        cwd=fu.ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 1, (proc.stdout, proc.stderr)
+    assert "Traceback" not in proc.stderr, proc.stderr
+    lines = [line for line in proc.stderr.splitlines() if line.startswith("error: ")]
+    assert len(lines) == 1 and all(piece in lines[0] for piece in expected), proc.stderr[-2000:]
 
 
 def test_every_error_is_a_user_error():
-    for cls in (ConfigError, checkpoint.CheckpointError, loop.DataError, loop.TrainingDiverged):
+    for cls in (ConfigError, CheckpointError, DataError, errors.TrainingDiverged, errors.WorkdirLocked):
         assert issubclass(cls, UserError)
+    assert issubclass(ConfigError, ValueError)  # cli.run prints ValueErrors without a traceback too
     assert issubclass(distributed.DistributedError, ValueError)  # train.py prints both without a traceback

@@ -2,8 +2,8 @@
 conflicting cells), evaluate, the learned schedule through the training loop, the histogram
 baseline, and the sampler flags' checks.
 
-Compiles dominate: each distinct tiny config compiles its pmapped steps once (loop._build caches
-them), so the tests reuse the grid's configs where they can.
+Compiles dominate: each distinct tiny config compiles its pmapped steps once (the grid's cells
+train with conftest's `steps_for`), so the tests reuse the grid's configs where they can.
 """
 
 import json
@@ -15,10 +15,24 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from configs import default, vae as vae_config
-from ddpm_jax import ablation, baselines, checkpoint, data, evaluate, loop, plots, sample_lib, train_lib
+from configs import default
+from configs import vae as vae_config
+from ddpm_jax import (
+    ablation,
+    baselines,
+    checkpoint,
+    configuration,
+    data,
+    evaluate,
+    evaluation,
+    fileio,
+    loop,
+    methods,
+    train_lib,
+)
+from ddpm_jax.errors import ConfigError
 from ddpm_jax.models import learned_schedule
-from ddpm_jax.validation import ConfigError
+from ddpm_jax.run import load_run
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 GRID = """
@@ -36,20 +50,24 @@ def _write_grid(path, cell="{}"):
 
 
 @pytest.fixture(scope="module")
-def sweep(tmp_path_factory):
-    """The two-cell grid, run once for the module: (grid path, out dir, rows)."""
+def sweep(tmp_path_factory, data_dir, steps_for):
+    """The two-cell grid, run once for the module: (grid path, out dir, rows). Its cells train with
+    the session's compiled steps of their configs, which the tests below reuse."""
     tmp = tmp_path_factory.mktemp("sweep")
-    cwd = os.getcwd()
-    os.chdir(ROOT)  # grid files name configs relative to the repository
-    try:
+    train = loop.train_and_evaluate
+    with pytest.MonkeyPatch.context() as patch:
+        patch.chdir(ROOT)  # grid files name configs relative to the repository
+        patch.setattr(
+            loop,
+            "train_and_evaluate",
+            lambda config, workdir, **kw: train(config, workdir, steps=steps_for(config), **kw),
+        )
         grid = _write_grid(tmp / "grid.py")
         rows = ablation.run_grid(grid, str(tmp / "out"), num_samples=16)
-    finally:
-        os.chdir(cwd)
     return grid, str(tmp / "out"), rows
 
 
-def test_histogram_baseline_against_a_hand_count():
+def test_histogram_baseline_against_a_hand_count(data_dir):
     train = np.array([[0, 16], [0, 16], [16, 16], [0, 0]], np.uint8).reshape(4, 1, 2, 1)
     test = np.array([[0, 16], [16, 0]], np.uint8).reshape(2, 1, 2, 1)
     # pixel 0: P(0) = (3 + .5) / 5, P(16) = 1.5 / 5; pixel 1: P(16) = 3.5 / 5, P(0) = 1.5 / 5.
@@ -57,10 +75,13 @@ def test_histogram_baseline_against_a_hand_count():
     assert baselines.pixel_histogram_bpd(train, test) == pytest.approx(want, rel=1e-12)
     with pytest.raises(ValueError, match="never takes"):
         baselines.pixel_histogram_bpd(train, np.full((1, 1, 2, 1), 8, np.uint8))
-    digits = baselines.pixel_histogram_bpd(data.load_images("digits", "train"), data.load_images("digits", "test"))
+    digits = baselines.pixel_histogram_bpd(
+        data.load_images("digits", "train", data_dir), data.load_images("digits", "test", data_dir)
+    )
     assert 2.0 < digits < 2.8, digits  # the issue's "about 2.4"
 
 
+@pytest.mark.slow
 def test_ablation_grid_writes_the_table_and_resumes_without_retraining(sweep, monkeypatch):
     grid, out, rows = sweep
     by_cell = {r["cell"]: r for r in rows}
@@ -68,8 +89,7 @@ def test_ablation_grid_writes_the_table_and_resumes_without_retraining(sweep, mo
     ddpm, vae = by_cell["ddpm"], by_cell["vae"]
     for key in ("total_bpd", "decoder_bpd", "diffusion_bpd", "prior_bpd", "fd", "fd_floor", "classifier_score"):
         assert np.isfinite(ddpm[key]), key
-    assert ddpm["total_bpd"] == pytest.approx(ddpm["decoder_bpd"] + ddpm["diffusion_bpd"] + ddpm["prior_bpd"],
-                                              rel=1e-4)
+    assert ddpm["total_bpd"] == pytest.approx(ddpm["decoder_bpd"] + ddpm["diffusion_bpd"] + ddpm["prior_bpd"], rel=1e-4)
     assert vae["total_bpd"] == pytest.approx(vae["recon_bpd"] + vae["kl_bpd"], rel=1e-4)
     assert ddpm["steps"] == vae["steps"] == 60
     table = open(os.path.join(out, "grid", "results.md")).read()
@@ -97,7 +117,8 @@ def test_ablation_grid_writes_the_table_and_resumes_without_retraining(sweep, mo
         ablation.cell_config({"base": "configs/default.py:runlocal", "cells": {"x": {"model.chanels": 4}}}, "x")
 
 
-def test_evaluate_scores_a_workdir_and_training_lowers_the_bound(sweep):
+@pytest.mark.slow
+def test_evaluate_scores_a_workdir_and_training_lowers_the_bound(sweep, steps_for):
     _, out, rows = sweep
     workdir = os.path.join(out, "cells", "ddpm")
     result = evaluate.evaluate_workdir(workdir, params="raw", num_samples=16, sampler="ddim", num_steps=5)
@@ -105,31 +126,38 @@ def test_evaluate_scores_a_workdir_and_training_lowers_the_bound(sweep):
     assert np.isfinite(result["total_bpd"]) and result["num_examples"] == 297
     assert result["fd"] > 0 and result["fd_floor"] > 0 and result["sampler"] == "ddim5"
     # The bound of an untrained model is finite and far above that of the (briefly) trained cell.
-    config, state = sample_lib.restore_run(workdir)
-    built = loop._build(config)  # the cell's compiled steps, reused
-    test_images = loop.load_split(config, "test")[:32]
-    bpd = lambda params: loop.evaluate_bpd(built.fns[2], train_lib.replicate(params), test_images, config,
-                                           jax.random.PRNGKey(0))["total_bpd"]
-    untrained = bpd(train_lib.create_train_state(config, jax.random.PRNGKey(1)).params)
-    trained = bpd(state.params)
+    run = load_run(workdir)
+    steps = steps_for(run.config)  # the cell's compiled steps, reused
+    test_images = evaluation.load_split(run.config, "test")[:32]
+    bpd = lambda params: evaluation.evaluate_bpd(
+        steps.bpd, train_lib.replicate(params), test_images, run.config, jax.random.PRNGKey(0)
+    )["total_bpd"]
+    untrained = bpd(
+        train_lib.create_train_state(run.method, train_lib.make_optimizer(run.config), jax.random.PRNGKey(1)).params
+    )
+    trained = bpd(run.state.params)
     assert np.isfinite(untrained) and untrained > 1.5 * trained, (untrained, trained)
 
 
-def test_learned_schedule_trains_through_the_bound_and_is_checkpointed(tmp_path):
+@pytest.mark.slow
+def test_learned_schedule_trains_through_the_bound_and_is_checkpointed(tmp_path, data_dir):
     config = default.get_config("runlocal")
+    config.data.data_dir = data_dir
     config.diffusion.schedule = "learned"
     config.diffusion.loss_type = "vlb"
     config.training.final_bpd = False  # the bound with a learned schedule is still estimated at the eval step
     results = loop.train_and_evaluate(config, str(tmp_path))
     assert os.path.exists(results["samples_png"])
-    evals = [r for r in plots.read_jsonl(os.path.join(str(tmp_path), "metrics.jsonl")) if "test_bpd_est" in r]
+    evals = [r for r in fileio.read_jsonl(os.path.join(str(tmp_path), "metrics.jsonl")) if "test_bpd_est" in r]
     assert evals and np.isfinite(evals[-1]["test_bpd_est"])
-    config, state = sample_lib.restore_run(str(tmp_path))
-    initial = train_lib.create_train_state(config, jax.random.PRNGKey(config.seed))
-    gamma, gamma0 = state.params["gamma"], initial.params["gamma"]
+    run = load_run(str(tmp_path))
+    initial = train_lib.create_train_state(
+        run.method, train_lib.make_optimizer(run.config), jax.random.PRNGKey(run.config.seed)
+    )
+    gamma, gamma0 = run.state.params["gamma"], initial.params["gamma"]
     moved = jax.tree_util.tree_map(lambda a, b: float(np.max(np.abs(np.asarray(a) - np.asarray(b)))), gamma, gamma0)
     assert max(jax.tree_util.tree_leaves(moved)) > 0  # the bound's gradient reached the schedule
-    log_snr = np.asarray(state.apply_fn({"params": state.ema_params}, method="log_snr"))
+    log_snr = np.asarray(run.method.apply_fn({"params": run.state.ema_params}, method="log_snr"))
     assert log_snr.shape == (config.diffusion.num_timesteps,) and np.all(np.diff(log_snr) < 0)
     # The simple loss would push a learned schedule towards pure noise: refused with the fix.
     config.diffusion.loss_type = "simple"
@@ -144,8 +172,9 @@ def test_monotone_gamma_is_increasing_for_any_weights():
     out = net.apply(params, tau)
     assert float(out[0]) == pytest.approx(-9.0, abs=1e-4) and float(out[-1]) == pytest.approx(10.0, abs=1e-4)
     for seed in range(5):  # random (large) weights of every sign stay monotone
-        noisy = jax.tree_util.tree_map(lambda p, s=seed: p + 3.0 * jax.random.normal(jax.random.PRNGKey(s), p.shape),
-                                       params)
+        noisy = jax.tree_util.tree_map(
+            lambda p, s=seed: p + 3.0 * jax.random.normal(jax.random.PRNGKey(s), p.shape), params
+        )
         assert np.all(np.diff(np.asarray(net.apply(noisy, tau))) > 0)
 
 
@@ -155,20 +184,21 @@ def test_sampler_choices_are_checked_with_the_fix():
         (config, "respaced", None, 0.0, "--steps"),
         (config, "ddim", 10_000, 0.0, "--steps"),
         (config, "ddim", 5, 1.5, "--eta"),
-        (config, "plms", 5, 0.0, "unknown"),
+        (config, "plms", 5, 0.0, "not available for method 'ddpm'; use one of ancestral, respaced, ddim"),
     ]
     ve = default.get_config("runlocal")
     ve.diffusion.schedule = "ve"
     cases.append((ve, "ddim", 5, 0.0, "variance-preserving"))
-    cases.append((vae_config.get_config("runlocal"), "ddim", 5, 0.0, "VAE"))
+    cases.append((vae_config.get_config("runlocal"), "ddim", 5, 0.0, "not available for method 'vae'"))
     for cfg, sampler, steps, eta, message in cases:
-        with pytest.raises(ValueError, match=message):
-            sample_lib.check_sampler(cfg, sampler, steps, eta)
-    sample_lib.check_sampler(config, "ddim", 5, 0.0)  # fine
+        with pytest.raises(ConfigError, match=message):
+            methods.from_config(cfg).check_sampler(sampler, steps, eta)
+    methods.from_config(config).check_sampler("ddim", 5, 0.0)  # fine
 
 
+@pytest.mark.slow
 def test_checkpointed_config_digest_is_stable(sweep):
     _, out, _ = sweep
     workdir = os.path.join(out, "cells", "ddpm")
     row = json.load(open(os.path.join(workdir, ablation.CELL_FILE)))
-    assert ablation._config_digest(checkpoint.load_config(workdir)) == row["config_digest"]
+    assert configuration.digest(checkpoint.load_config(workdir)) == row["config_digest"]

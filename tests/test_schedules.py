@@ -8,6 +8,8 @@ Index t in 0..T-1 is the lecture's step t+1.
 
 import math
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
@@ -37,6 +39,7 @@ def _print_errors():
 
 
 # --- float64 references ------------------------------------------------------------------------
+
 
 def ref_betas(name, T):
     scale = 1000.0 / T
@@ -85,6 +88,7 @@ def ref_vp_tables(betas):
 
 
 # --- betas_for --------------------------------------------------------------------------------
+
 
 @pytest.mark.parametrize("name", ["linear", "quadratic", "cosine", "constant", "sigmoid"])
 @pytest.mark.parametrize("T", [50, 1000])
@@ -159,8 +163,19 @@ def test_mismatched_length_rejected():
 
 # --- make_schedule (VP) -----------------------------------------------------------------------
 
-@pytest.mark.parametrize("name,T", [("linear", 1000), ("linear", 40), ("cosine", 1000), ("cosine", 20),
-                                    ("quadratic", 100), ("sigmoid", 100), ("constant", 30)])
+
+@pytest.mark.parametrize(
+    "name,T",
+    [
+        ("linear", 1000),
+        ("linear", 40),
+        ("cosine", 1000),
+        ("cosine", 20),
+        ("quadratic", 100),
+        ("sigmoid", 100),
+        ("constant", 30),
+    ],
+)
 def test_make_schedule_vp_tables(name, T):
     sched = S.make_schedule(name, T)
     ref = ref_vp_tables(ref_betas(name, T))
@@ -184,8 +199,6 @@ def test_make_schedule_from_array_and_callable_equal_named():
 
 
 def test_schedule_is_a_pytree():
-    import jax
-
     sched = S.make_schedule("linear", 40)
     leaves, treedef = jax.tree_util.tree_flatten(sched)
     assert len(leaves) == 11
@@ -196,6 +209,7 @@ def test_schedule_is_a_pytree():
 
 
 # --- VE ---------------------------------------------------------------------------------------
+
 
 @pytest.mark.parametrize("T,smin,smax", [(10, 0.01, 50.0), (100, 0.002, 80.0)])
 def test_ve_schedule(T, smin, smax):
@@ -219,8 +233,11 @@ def test_ve_schedule(T, smin, smax):
     np.testing.assert_allclose(np.asarray(sched.posterior_variance), post_var, rtol=3e-7, atol=0)
     np.testing.assert_allclose(np.asarray(sched.posterior_mean_coef1), c1, rtol=3e-7)
     np.testing.assert_allclose(np.asarray(sched.posterior_mean_coef2), c2, rtol=3e-7, atol=0)
-    np.testing.assert_allclose(np.asarray(sched.posterior_log_variance_clipped),
-                               np.log(np.concatenate([[post_var[1]], post_var[1:]])), rtol=1e-6)
+    np.testing.assert_allclose(
+        np.asarray(sched.posterior_log_variance_clipped),
+        np.log(np.concatenate([[post_var[1]], post_var[1:]])),
+        rtol=1e-6,
+    )
     record("make_schedule[ve].posterior_variance", sched.posterior_variance, post_var)
     record("make_schedule[ve].posterior_mean_coef1", sched.posterior_mean_coef1, c1)
     record("make_schedule[ve].posterior_mean_coef2", sched.posterior_mean_coef2, c2)
@@ -235,6 +252,7 @@ def test_ve_bad_sigmas():
 
 
 # --- the forward process composes -------------------------------------------------------------
+
 
 @pytest.mark.parametrize("name,T", [("linear", 1000), ("cosine", 100), ("sigmoid", 50)])
 def test_steps_compose_into_jump_vp(name, T):
@@ -271,3 +289,27 @@ def test_steps_compose_into_jump_ve():
     step = np.asarray(sched.betas, np.float64)
     np.testing.assert_allclose(np.sqrt(np.cumsum(step)), np.asarray(sched.noise_std), rtol=1e-6)
     record("jump(composed steps)[ve].noise_std", np.sqrt(np.cumsum(step)), np.asarray(sched.noise_std, np.float64))
+
+
+# --- a learned (traced) schedule ---------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", ["linear", "cosine"])
+def test_vp_schedule_from_log_snr_matches_the_fixed_tables(name):
+    T = 200
+    ref = ref_vp_tables(ref_betas(name, T))
+    abar = ref["alphas_cumprod"]
+    sched = jax.jit(S.vp_schedule_from_log_snr)(jnp.asarray(np.log(abar) - np.log1p(-abar), jnp.float32))
+    for key in (
+        "betas",
+        "alphas_cumprod",
+        "posterior_variance",
+        "posterior_mean_coef1",
+        "posterior_mean_coef2",
+        "posterior_log_variance_clipped",
+        "sqrt_one_minus_alphas_cumprod",
+    ):
+        # float32 log-SNR input: relative errors ~1e-6 * |log SNR| in abar, amplified by 1/beta in the betas.
+        np.testing.assert_allclose(getattr(sched, key), ref[key], rtol=5e-4, err_msg=key)
+        record(f"vp_schedule_from_log_snr[{name}].{key}", getattr(sched, key), ref[key])
+    np.testing.assert_allclose(sched.prior_variance, 1.0, rtol=1e-6)

@@ -1,9 +1,10 @@
 """End-to-end training: pmapped step on 1 vs 4 devices, loss falls, exact resume, train.py / sample.py.
 
 Compiles dominate on CPU, so the tiny "runlocal" model and its pmapped functions are built once
-per module and shared.
+per module (and per config: conftest's `steps_for`) and shared.
 """
 
+import functools
 import json
 import os
 import subprocess
@@ -14,15 +15,17 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from PIL import Image
 
 from configs import default
-from ddpm_jax import checkpoint, data, loop, train_lib
+from ddpm_jax import checkpoint, data, loop, methods, plots, train_lib
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def tiny_config(**training):
+def tiny_config(data_dir, **training):
     config = default.get_config("runlocal")
+    config.data.data_dir = data_dir
     config.training.final_bpd = False
     for k, v in training.items():
         config.training[k] = v
@@ -30,38 +33,35 @@ def tiny_config(**training):
 
 
 @pytest.fixture(scope="module")
-def digits_dir(tmp_path_factory):
-    path = str(tmp_path_factory.mktemp("tfds"))
-    return path
+def train_images(data_dir):
+    return data.load_images("digits", "train", data_dir)
 
 
 @pytest.fixture(scope="module")
-def train_images(digits_dir):
-    return data.load_images("digits", "train", digits_dir)
-
-
-@pytest.fixture(scope="module")
-def setup():
-    config = tiny_config(num_train_steps=1000)
+def setup(data_dir, steps_for):
+    config = tiny_config(data_dir, num_train_steps=1000)
     config.optim.lr_schedule = "constant"  # the loss-falls test takes 60 steps at full lr
-    state = train_lib.create_train_state(config, jax.random.PRNGKey(0))
-    sched = train_lib.make_schedule(config)
-    fns = train_lib.make_pmapped_steps(config, state.apply_fn, sched)
-    return config, state, sched, fns
+    steps = steps_for(config)
+    state = train_lib.create_train_state(steps.method, train_lib.make_optimizer(config), jax.random.PRNGKey(0))
+    return config, state, steps
 
 
+@pytest.mark.slow
 def test_one_step_same_update_on_1_and_4_devices(setup, train_images):
-    config, state, sched, (p_train, *_) = setup
+    config, state, steps = setup
     assert jax.local_device_count() == 4
     batch4 = next(data.train_batches(train_images, 8, seed=0))  # [4, 2, 8, 8, 1]
-    new4, m4 = p_train(train_lib.replicate(state), jnp.asarray(batch4))
+    new4, m4 = steps.train(train_lib.replicate(state), jnp.asarray(batch4))
     # The same global batch on one device, through the same pure step.
-    import functools
-
-    p_train1 = jax.pmap(functools.partial(train_lib.train_step, sched=sched, config=config),
-                        axis_name=train_lib.AXIS, devices=jax.local_devices()[:1])
-    new1, m1 = p_train1(jax.tree_util.tree_map(lambda x: np.asarray(x)[None], state),
-                        jnp.asarray(batch4.reshape((1, 8) + batch4.shape[2:])))
+    p_train1 = jax.pmap(
+        functools.partial(train_lib.train_step, method=steps.method, config=config),
+        axis_name=train_lib.AXIS,
+        devices=jax.local_devices()[:1],
+    )
+    new1, m1 = p_train1(
+        jax.tree_util.tree_map(lambda x: np.asarray(x)[None], state),
+        jnp.asarray(batch4.reshape((1, 8) + batch4.shape[2:])),
+    )
     p4, p1 = train_lib.unreplicate(new4).params, train_lib.unreplicate(new1).params
     before = state.params
     moved = jax.tree_util.tree_reduce(max, jax.tree_util.tree_map(lambda a, b: float(jnp.abs(a - b).max()), p4, before))
@@ -70,69 +70,129 @@ def test_one_step_same_update_on_1_and_4_devices(setup, train_images):
     np.testing.assert_allclose(np.mean(m4["loss"]), np.mean(m1["loss"]), rtol=1e-5)
 
 
+@pytest.mark.slow
 def test_loss_falls_on_digits(setup, train_images):
-    config, state, _, (p_train, *_) = setup
+    config, state, steps = setup
     rstate = train_lib.replicate(state)
     batches = data.train_batches(train_images, 8, seed=0)
     losses = []
     for _ in range(60):
-        rstate, metrics = p_train(rstate, next(batches))
+        rstate, metrics = steps.train(rstate, next(batches))
         losses.append(float(np.mean(metrics["loss"])))
     assert np.all(np.isfinite(losses))
     assert np.mean(losses[-10:]) < 0.7 * np.mean(losses[:10]), losses
 
 
-def test_sampler_shape_and_range(setup):
-    config, state, _, (*_, p_sample) = setup
-    out = loop.draw_samples(p_sample, train_lib.replicate(state.ema_params), config, jax.random.PRNGKey(3), 6,
-                            num_frames=4)
+@pytest.mark.slow
+def test_draw_samples_merges_the_devices_draws(setup):
+    config, state, steps = setup
+    params, rng = train_lib.replicate(state.ema_params), jax.random.PRNGKey(3)
+    out = train_lib.draw_samples(steps.sample, params, rng, 6, num_frames=4)
     assert out["samples"].shape == (6, 8, 8, 1)
-    assert np.all(np.abs(out["samples"]) <= 1.0) and np.all(np.isfinite(out["samples"]))
-    assert out["frames"].shape == (4, 6, 8, 8, 1)
+    assert out["frames"].shape == out["pred_x0"].shape == (4, 6, 8, 8, 1)
     assert out["frame_t"][0] == config.diffusion.num_timesteps - 1 and out["frame_t"][-1] == 0
+    # The values: each device's 2 draws in device order, the first 6 of the 8 (the same compiled step).
+    raw = jax.device_get(steps.sample(params, rng, 2, 4, "ancestral", None, 0.0))
+    np.testing.assert_array_equal(out["samples"], raw["samples"].reshape(8, 8, 8, 1)[:6])
+    np.testing.assert_array_equal(out["frames"], np.moveaxis(raw["frames"], 0, 1).reshape(4, 8, 8, 8, 1)[:, :6])
+    # The last frame is x_0 before the final clip to the data range; the samples are that clip.
+    np.testing.assert_array_equal(out["samples"], np.clip(out["frames"][-1], -1.0, 1.0))
+    assert not np.allclose(out["samples"][:2], out["samples"][2:4])  # each device draws with its own key
 
 
-def _params(workdir, config):
-    state = train_lib.create_train_state(config, jax.random.PRNGKey(config.seed))
-    return checkpoint.restore_latest(checkpoint.make_manager(workdir), state)
+def _restore(workdir, config):
+    target = train_lib.abstract_train_state(
+        methods.from_config(config), train_lib.make_optimizer(config), jax.random.PRNGKey(config.seed)
+    )
+    return checkpoint.restore_latest(checkpoint.make_manager(workdir, read_only=True), target)
 
 
-def test_resume_is_exact(tmp_path, digits_dir):
-    config = tiny_config(num_train_steps=4, checkpoint_every=2, eval_every=100, sample_every=100)
-    config.data.data_dir = digits_dir
+@pytest.mark.slow
+def test_resume_is_exact(tmp_path, data_dir, steps_for):
+    config = tiny_config(data_dir, num_train_steps=4, checkpoint_every=2, eval_every=100, sample_every=100)
+    steps = steps_for(config)  # compiled once for the three runs
     straight, resumed = str(tmp_path / "straight"), str(tmp_path / "resumed")
-    loop.train_and_evaluate(config, straight)
-    out = loop.train_and_evaluate(config, resumed, stop_at_step=2)
+    loop.train_and_evaluate(config, straight, steps=steps)
+    out = loop.train_and_evaluate(config, resumed, stop_at_step=2, steps=steps)
     assert out["stopped_at"] == 2
-    assert int(_params(resumed, config).step) == 2
-    loop.train_and_evaluate(config, resumed)
-    a, b = _params(straight, config), _params(resumed, config)
+    assert int(_restore(resumed, config).step) == 2
+    loop.train_and_evaluate(config, resumed, steps=steps)
+    a, b = _restore(straight, config), _restore(resumed, config)
     assert int(a.step) == int(b.step) == 4
-    jax.tree_util.tree_map(np.testing.assert_array_equal, (a.params, a.ema_params, a.opt_state),
-                           (b.params, b.ema_params, b.opt_state))
+    jax.tree_util.tree_map(
+        np.testing.assert_array_equal, (a.params, a.ema_params, a.opt_state), (b.params, b.ema_params, b.opt_state)
+    )
     assert os.path.exists(os.path.join(straight, "samples.png"))
     records = [json.loads(line) for line in open(os.path.join(straight, "metrics.jsonl"))]
     assert any("test_loss" in r for r in records) and any("steps_per_sec" in r for r in records)
 
 
-def test_train_and_sample_scripts_end_to_end(tmp_path, digits_dir):
+def _grid_cells(png, num, size=8):
+    """The images of a saved grid (plots.save_grid's layout, scaled up), as uint8 [num, size, size]."""
+    ncol, pad = int(np.ceil(np.sqrt(num))), 1
+    nrow = -(-num // ncol)
+    pixels = np.asarray(Image.open(png))
+    scale = pixels.shape[0] // (nrow * (size + pad) + pad)
+    grid = pixels[::scale, ::scale]
+    return np.stack(
+        [
+            grid[
+                pad + r * (size + pad) : pad + r * (size + pad) + size,
+                pad + q * (size + pad) : pad + q * (size + pad) + size,
+            ]
+            for r, q in (divmod(i, ncol) for i in range(num))
+        ]
+    )
+
+
+@pytest.mark.slow
+def test_train_and_sample_scripts_end_to_end(tmp_path, data_dir):
     workdir = str(tmp_path / "run")
     env = dict(os.environ, XLA_FLAGS="")  # one device, as a user's CPU run
-    subprocess.run([sys.executable, "train.py", "--config=configs/default.py:runlocal", f"--workdir={workdir}",
-                    f"--config.data.data_dir={digits_dir}", "--config.training.num_train_steps=2",
-                    "--config.diffusion.num_timesteps=10"], cwd=ROOT, env=env, check=True, timeout=600)
+    subprocess.run(
+        [
+            sys.executable,
+            "train.py",
+            "--config=configs/default.py:runlocal",
+            f"--workdir={workdir}",
+            f"--config.data.data_dir={data_dir}",
+            "--config.training.num_train_steps=2",
+            "--config.diffusion.num_timesteps=10",
+        ],
+        cwd=ROOT,
+        env=env,
+        check=True,
+        timeout=600,
+    )
     results = json.load(open(os.path.join(workdir, "results.json")))
     assert np.isfinite(results["total_bpd"]) and results["total_bpd"] > 0
     for name in ("samples.png", "denoising_strip.png", "bpd_terms.png", "loss.png"):
         assert os.path.exists(os.path.join(workdir, name)), name
-    out = str(tmp_path / "s.png")
-    subprocess.run([sys.executable, "sample.py", f"--workdir={workdir}", "--num=5", f"--out={out}", "--strip"],
-                   cwd=ROOT, env=env, check=True, timeout=600)
-    samples = np.load(str(tmp_path / "s.npz"))["samples"]
-    assert samples.shape == (5, 8, 8, 1) and np.all(np.abs(samples) <= 1)
-    assert os.path.exists(str(tmp_path / "s_strip.png"))
-    bad = subprocess.run([sys.executable, "sample.py", f"--workdir={tmp_path / 'nothing'}"], cwd=ROOT, env=env,
-                         capture_output=True, text=True, timeout=600)
+    stem = str(tmp_path / "s")  # a bare name: .png is added, the .npz and the strip go beside it
+    done = subprocess.run(
+        [sys.executable, "sample.py", f"--workdir={workdir}", "--num=5", f"--out={stem}", "--strip"],
+        cwd=ROOT,
+        env=env,
+        check=True,
+        timeout=600,
+        capture_output=True,
+        text=True,
+    )
+    samples = np.load(stem + ".npz")["samples"]
+    assert samples.shape == (5, 8, 8, 1) and samples.dtype == np.float32
+    # The grid shows exactly the saved samples; the arrays were written first.
+    np.testing.assert_array_equal(_grid_cells(stem + ".png", 5), plots.unscale_images(samples)[..., 0])
+    wrote = [line.split(" ", 1)[1] for line in done.stdout.splitlines() if line.startswith("wrote ")]
+    assert wrote == [stem + ".npz", stem + ".png", stem + "_strip.png"], done.stdout
+    assert os.path.getmtime(stem + ".npz") <= os.path.getmtime(stem + ".png")
+    bad = subprocess.run(
+        [sys.executable, "sample.py", f"--workdir={tmp_path / 'nothing'}"],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert bad.returncode != 0 and "train.py" in bad.stderr
 
 
@@ -150,9 +210,13 @@ def test_flat_optimizer_gives_the_same_updates():
     """optim.flatten (clip + Adam over one flat vector) against the per-leaf chain, with the clip
     active (grad norm ~18 against 1.0): the same updates and parameters over a few steps."""
     rng = np.random.default_rng(0)
-    params = {"conv": {"kernel": jnp.asarray(rng.standard_normal((3, 3, 4, 8)), jnp.float32),
-                       "bias": jnp.asarray(rng.standard_normal(8), jnp.float32)},
-              "dense": {"kernel": jnp.asarray(rng.standard_normal((8, 5)), jnp.float32)}}
+    params = {
+        "conv": {
+            "kernel": jnp.asarray(rng.standard_normal((3, 3, 4, 8)), jnp.float32),
+            "bias": jnp.asarray(rng.standard_normal(8), jnp.float32),
+        },
+        "dense": {"kernel": jnp.asarray(rng.standard_normal((8, 5)), jnp.float32)},
+    }
     results = []
     for flatten in (False, True):
         config = default.get_config()
@@ -161,7 +225,8 @@ def test_flat_optimizer_gives_the_same_updates():
         p, opt_state = params, tx.init(params)
         for step in range(5):
             grads = jax.tree_util.tree_map(
-                lambda x, step=step: jnp.asarray(np.random.default_rng(step).standard_normal(x.shape), x.dtype), p)
+                lambda x, step=step: jnp.asarray(np.random.default_rng(step).standard_normal(x.shape), x.dtype), p
+            )
             updates, opt_state = tx.update(grads, opt_state, p)
             p = optax.apply_updates(p, updates)
         results.append(p)
@@ -172,6 +237,8 @@ def test_flat_optimizer_gives_the_same_updates():
     assert len(flat_leaves) == 3
     for a, b in zip(jax.tree_util.tree_leaves(results[0]), flat_leaves):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-6, atol=1e-7)
-    moved = max(float(jnp.max(jnp.abs(a - b))) for a, b in zip(jax.tree_util.tree_leaves(results[0]),
-                                                                jax.tree_util.tree_leaves(params)))
+    moved = max(
+        float(jnp.max(jnp.abs(a - b)))
+        for a, b in zip(jax.tree_util.tree_leaves(results[0]), jax.tree_util.tree_leaves(params))
+    )
     assert moved > 1e-4  # the optimizer did move the parameters

@@ -21,8 +21,9 @@ TINY_SHAPE = (2, 8, 8, 1)  # [B, H, W, C]
 
 
 def _tiny_config(**overrides) -> ml_collections.ConfigDict:
-    m = ml_collections.ConfigDict(dict(ch=8, ch_mult=(1, 2), num_res_blocks=1, attn_resolutions=(4,),
-                                       dropout=0.1, num_groups=4, dtype="float32"))
+    m = ml_collections.ConfigDict(
+        dict(ch=8, ch_mult=(1, 2), num_res_blocks=1, attn_resolutions=(4,), dropout=0.1, num_groups=4, dtype="float32")
+    )
     m.update(overrides)
     return m
 
@@ -66,8 +67,9 @@ def perturbed_params(tiny_params):
     NumPy noise on the host: a jitted jax.random over ~60 leaves costs seconds of compile on CPU.
     """
     np_rng = np.random.default_rng(1)
-    return jax.tree.map(lambda p: jnp.asarray(np.asarray(p) + 0.1 * np_rng.standard_normal(p.shape, np.float32)),
-                        tiny_params)
+    return jax.tree.map(
+        lambda p: jnp.asarray(np.asarray(p) + 0.1 * np_rng.standard_normal(p.shape, np.float32)), tiny_params
+    )
 
 
 @pytest.fixture(scope="module")
@@ -106,12 +108,29 @@ def test_tiny_param_count_and_float32_params(tiny_params):
 
 def test_tiny_module_layout(tiny_params):
     # Names are the checkpoint layout; attention sits after every res block at 4x4 and in the middle.
-    assert sorted(tiny_params) == sorted([
-        "temb_dense_0", "temb_dense_1", "conv_in",
-        "down_0_block_0", "down_0_downsample", "down_1_block_0", "down_1_attn_0",
-        "mid_block_0", "mid_attn", "mid_block_1",
-        "up_1_block_0", "up_1_attn_0", "up_1_block_1", "up_1_attn_1", "up_1_upsample",
-        "up_0_block_0", "up_0_block_1", "norm_out", "conv_out"])
+    assert sorted(tiny_params) == sorted(
+        [
+            "temb_dense_0",
+            "temb_dense_1",
+            "conv_in",
+            "down_0_block_0",
+            "down_0_downsample",
+            "down_1_block_0",
+            "down_1_attn_0",
+            "mid_block_0",
+            "mid_attn",
+            "mid_block_1",
+            "up_1_block_0",
+            "up_1_attn_0",
+            "up_1_block_1",
+            "up_1_attn_1",
+            "up_1_upsample",
+            "up_0_block_0",
+            "up_0_block_1",
+            "norm_out",
+            "conv_out",
+        ]
+    )
     assert "nin_skip" in tiny_params["down_1_block_0"]  # 8 -> 16 channels
     assert "nin_skip" not in tiny_params["mid_block_0"]
 
@@ -120,10 +139,14 @@ def test_attention_matches_numpy_reference():
     x = jax.random.normal(jax.random.PRNGKey(3), (2, 2, 3, 4))  # [B, H, W, C]
     # Random parameters straight from NumPy (no init compile; proj_out must not be its zero init).
     np_rng = np.random.default_rng(4)
-    shapes = {"norm": {"scale": (4,), "bias": (4,)}, "qkv": {"kernel": (4, 12), "bias": (12,)},
-              "proj_out": {"kernel": (4, 4), "bias": (4,)}}
-    p = jax.tree.map(lambda s: np_rng.standard_normal(s).astype(np.float32), shapes,
-                     is_leaf=lambda s: isinstance(s, tuple))
+    shapes = {
+        "norm": {"scale": (4,), "bias": (4,)},
+        "qkv": {"kernel": (4, 12), "bias": (12,)},
+        "proj_out": {"kernel": (4, 4), "bias": (4,)},
+    }
+    p = jax.tree.map(
+        lambda s: np_rng.standard_normal(s).astype(np.float32), shapes, is_leaf=lambda s: isinstance(s, tuple)
+    )
     out = np.asarray(jax.jit(AttnBlock(num_groups=2).apply)({"params": p}, x))
 
     xn = np.asarray(x, np.float64)
@@ -160,8 +183,10 @@ def test_learned_variance_doubles_output_channels(tiny_params, inputs):
 def _widen_out(params):
     params = dict(params)
     conv = params["conv_out"]
-    params["conv_out"] = {"kernel": jnp.concatenate([conv["kernel"]] * 2, axis=-1),
-                          "bias": jnp.concatenate([conv["bias"]] * 2, axis=-1)}
+    params["conv_out"] = {
+        "kernel": jnp.concatenate([conv["kernel"]] * 2, axis=-1),
+        "bias": jnp.concatenate([conv["bias"]] * 2, axis=-1),
+    }
     return params
 
 
@@ -252,8 +277,7 @@ def test_unknown_attention_resolution_lists_valid_ones():
         create_model(_tiny_config(attn_resolutions=(3,)), image_size=8, out_channels=1)
 
 
-@pytest.mark.parametrize("field, value", [("num_groups", 3), ("dropout", 1.0), ("dropout", -0.1),
-                                          ("dtype", "float16")])
+@pytest.mark.parametrize("field, value", [("num_groups", 3), ("dropout", 1.0), ("dropout", -0.1), ("dtype", "float16")])
 def test_other_config_checks(field, value):
     with pytest.raises(ValueError, match=rf"config\.model\.{field}"):
         create_model(_tiny_config(**{field: value}), image_size=8, out_channels=1)

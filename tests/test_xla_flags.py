@@ -5,6 +5,8 @@ import subprocess
 import sys
 import textwrap
 
+import pytest
+
 from ddpm_jax import xla_flags
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -17,12 +19,32 @@ def test_defaults_are_added_once_and_a_users_choice_wins():
     assert xla_flags.with_cpu_defaults("") == xla_flags.YNN_WITHOUT_CONVOLUTIONS
     mine = "--xla_cpu_experimental_ynn_fusion_type=dot"
     assert xla_flags.with_cpu_defaults(mine) == mine
-    env = {}
+    env = {"DDPM_JAX_CACHE_DIR": "/cache"}
     xla_flags.configure(env)
     xla_flags.configure(env)
-    assert env == {"XLA_FLAGS": xla_flags.YNN_WITHOUT_CONVOLUTIONS}
+    assert env == {
+        "DDPM_JAX_CACHE_DIR": "/cache",
+        "XLA_FLAGS": xla_flags.YNN_WITHOUT_CONVOLUTIONS,
+        "JAX_COMPILATION_CACHE_DIR": "/cache",
+    }
 
 
+def test_compilation_cache_dir_defaults_and_switches():
+    where = xla_flags.compilation_cache_dir
+    assert where({}) == os.path.join(os.path.expanduser("~"), ".cache", "ddpm_jax", "xla")
+    assert where({"XDG_CACHE_HOME": "/xdg"}) == "/xdg/ddpm_jax/xla"
+    assert where({"XDG_CACHE_HOME": "/xdg", "DDPM_JAX_CACHE_DIR": "/mine"}) == "/mine"
+    for off in ("0", "false", "No", "OFF"):
+        assert where({"DDPM_JAX_COMPILATION_CACHE": off, "DDPM_JAX_CACHE_DIR": "/mine"}) is None
+        env = {"DDPM_JAX_COMPILATION_CACHE": off}
+        xla_flags.configure(env)
+        assert "JAX_COMPILATION_CACHE_DIR" not in env
+    env = {"JAX_COMPILATION_CACHE_DIR": "/users", "DDPM_JAX_CACHE_DIR": "/mine"}  # JAX's own variable wins
+    xla_flags.configure(env)
+    assert env["JAX_COMPILATION_CACHE_DIR"] == "/users"
+
+
+@pytest.mark.slow
 def test_a_fresh_process_with_the_defaults_computes_conv_gradients_right():
     """A new process, as train.py starts: XLA accepts the flag (an unknown one aborts) and the
     convolution and its two gradients match float64 NumPy."""
