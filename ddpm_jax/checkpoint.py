@@ -1,6 +1,6 @@
 """Orbax checkpoints of the whole train state (step, params, EMA, optimizer, key, loss history).
 
-Kill-safety: Orbax writes each step into `<step>.orbax-checkpoint-tmp-<time>` and renames it to
+Kill-safety: Orbax writes each step into `<step>.orbax-checkpoint-tmp` and renames it to
 `<step>` once complete (an atomic rename on a local or NFS disk). A folder with the tmp suffix
 is never listed as a step, so a kill in the middle of a save leaves the previous checkpoint as
 the latest one; the training manager deletes such leftovers when it starts

@@ -14,12 +14,14 @@ import jax
 import numpy as np
 from tqdm.auto import tqdm
 
-from ddpm_jax import data, distributed, fileio, plots, train_lib
+from ddpm_jax import distributed, fileio, plots, train_lib
 from ddpm_jax.errors import DataError
 
 
 def load_split(config, split: str) -> np.ndarray:
     """This process's shard of a split, uint8 [N, H, W, C], checked against the config's image shape."""
+    from ddpm_jax import data  # TensorFlow: only where a split is read
+
     try:
         images = data.load_images(config.data.dataset, split, config.data.data_dir)
     except RuntimeError as e:  # not prepared and cannot be downloaded here
@@ -42,6 +44,8 @@ def num_eval_batches(test_images: np.ndarray, global_batch: int) -> int:
 
 def _sum_batches(step_fn, params, test_images, batch_size: int, rng, num_batches: int | None, progress: str = ""):
     sums = None
+    from ddpm_jax import data
+
     batches = data.eval_batches(test_images, batch_size, num_batches=num_batches)
     if progress:
         batches = tqdm(list(batches), desc=progress, unit="batch", disable=not distributed.is_main_process())

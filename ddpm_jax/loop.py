@@ -120,7 +120,7 @@ def _train_and_evaluate(config, workdir: str, stop_at_step: int | None, steps, l
     try:
         if steps is None:
             steps = train_lib.compile_steps(methods.from_config(config), config)
-        state = _restore_or_init(config, workdir, mngr, steps.method, train_lib.make_optimizer(config))
+        state = _restore_or_init(config, workdir, mngr, steps.method, steps.tx)
         initial_step = int(state.step)
         if initial_step:
             _say(f"Resuming from the checkpoint at step {initial_step} in {checkpoint.checkpoint_dir(workdir)}.")

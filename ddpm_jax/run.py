@@ -68,7 +68,8 @@ class Run:
         sampler = sampler or self.method.samplers[0]
         self.method.check_sampler(sampler, num_steps, eta)
         fn = jax.jit(lambda p, key: self.method.sample(p, key, num, sampler=sampler, num_steps=num_steps, eta=eta))
-        return np.asarray(fn(self.params, jax.random.PRNGKey(seed))["samples"])
+        key = jax.random.fold_in(jax.random.PRNGKey(seed), 0)  # sample.py's first device: the same images
+        return np.asarray(fn(self.params, key)["samples"])
 
 
 def load_config(workdir: str) -> ml_collections.ConfigDict:

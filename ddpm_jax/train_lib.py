@@ -244,6 +244,7 @@ def compile_steps(method: Method, config: ml_collections.ConfigDict, bpd_strata:
     bpd_strata = config.training.final_bpd_strata if bpd_strata is None else bpd_strata
     return SimpleNamespace(
         method=method,
+        tx=make_optimizer(config),  # one optimizer: a static field of the state, so a new one recompiles the step
         train=jax.pmap(
             functools.partial(train_step, method=method, config=config), axis_name=AXIS, donate_argnums=donate
         ),

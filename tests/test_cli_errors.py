@@ -37,8 +37,7 @@ STEP_COMPILE = re.compile(r"Compiling .*\b(train_step|eval_step|bpd_step|sample_
 
 def _env() -> dict:
     env = dict(os.environ)
-    env.update({"JAX_PLATFORMS": "cpu", "JAX_LOG_COMPILES": "1", "TF_CPP_MIN_LOG_LEVEL": "2",
-                "PYTHONUNBUFFERED": "1"})
+    env.update({"JAX_PLATFORMS": "cpu", "JAX_LOG_COMPILES": "1", "TF_CPP_MIN_LOG_LEVEL": "2", "PYTHONUNBUFFERED": "1"})
     return env
 
 
@@ -46,8 +45,9 @@ def run_cli(args: list) -> tuple[subprocess.CompletedProcess, float, float]:
     """Runs `python args...` in the repo root; returns the result, its wall and its CPU seconds."""
     before = resource.getrusage(resource.RUSAGE_CHILDREN)
     start = time.monotonic()
-    proc = subprocess.run([sys.executable] + args, cwd=ROOT, env=_env(), capture_output=True, text=True,
-                          timeout=WALL_GUARD_S)
+    proc = subprocess.run(
+        [sys.executable] + args, cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=WALL_GUARD_S
+    )
     wall = time.monotonic() - start
     after = resource.getrusage(resource.RUSAGE_CHILDREN)
     cpu = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
@@ -91,8 +91,11 @@ def dirs(tmp_path_factory):
     checkpoint.save_config(out["no_checkpoint"], config)
     os.makedirs(os.path.join(out["no_checkpoint"], "checkpoints"))
 
-    for name, text in (("torn_config", '{"data": {"dataset": "dig'), ("list_config", "[1, 2]"),
-                       ("foreign_config", json.dumps({"data": {"dataset": "digits"}}))):
+    for name, text in (
+        ("torn_config", '{"data": {"dataset": "dig'),
+        ("list_config", "[1, 2]"),
+        ("foreign_config", json.dumps({"data": {"dataset": "digits"}})),
+    ):
         out[name] = str(base / name)
         os.makedirs(out[name])
         with open(os.path.join(out[name], checkpoint.CONFIG_FILE), "w") as f:
@@ -114,64 +117,143 @@ RUNLOCAL = "--config=configs/default.py:runlocal"
 # (id, argv after python, expected pieces of the error line); "{name}" is a path from `dirs`
 CASES = [
     # unknown config fields at any depth: caught before ml_collections applies them
-    ("top-level field", ["train.py", "--config.no_such_field_zz=1", "--workdir={base}/w1"],
-     ["--config.no_such_field_zz: unknown config field config.no_such_field_zz", "config has: data"]),
-    ("section field", ["train.py", RUNLOCAL, "--config.model.no_such_field_zz=1", "--workdir={base}/w1"],
-     ["unknown config field config.model.no_such_field_zz", "config.model has: attn_resolutions"]),
-    ("deep field", ["train.py", RUNLOCAL, "--config.training.nope.deeper=1", "--workdir={base}/w1"],
-     ["unknown config field config.training.nope"]),
-    ("typo", ["train.py", RUNLOCAL, "--config.optim.lrr=1e-3", "--workdir={base}/w1"],
-     ["unknown config field config.optim.lrr", "Did you mean config.optim.lr?"]),
-    ("value as section", ["train.py", RUNLOCAL, "--config.model.ch.width=3", "--workdir={base}/w1"],
-     ["config.model.ch is a value (8), not a section"]),
-    ("wrong type", ["train.py", RUNLOCAL, "--config.training.num_train_steps=many", "--workdir={base}/w1"],
-     ["--config.training.num_train_steps=many", "holds a value of type int"]),
-    ("bad value", ["train.py", RUNLOCAL, "--config.optim.lr=-1", "--workdir={base}/w1"],
-     ["config.optim.lr", "must be > 0"]),
+    (
+        "top-level field",
+        ["train.py", "--config.no_such_field_zz=1", "--workdir={base}/w1"],
+        ["--config.no_such_field_zz: unknown config field config.no_such_field_zz", "config has: data"],
+    ),
+    (
+        "section field",
+        ["train.py", RUNLOCAL, "--config.model.no_such_field_zz=1", "--workdir={base}/w1"],
+        ["unknown config field config.model.no_such_field_zz", "config.model has: attn_resolutions"],
+    ),
+    (
+        "deep field",
+        ["train.py", RUNLOCAL, "--config.training.nope.deeper=1", "--workdir={base}/w1"],
+        ["unknown config field config.training.nope"],
+    ),
+    (
+        "typo",
+        ["train.py", RUNLOCAL, "--config.optim.lrr=1e-3", "--workdir={base}/w1"],
+        ["unknown config field config.optim.lrr", "Did you mean config.optim.lr?"],
+    ),
+    (
+        "value as section",
+        ["train.py", RUNLOCAL, "--config.model.ch.width=3", "--workdir={base}/w1"],
+        ["config.model.ch is a value (8), not a section"],
+    ),
+    (
+        "wrong type",
+        ["train.py", RUNLOCAL, "--config.training.num_train_steps=many", "--workdir={base}/w1"],
+        ["--config.training.num_train_steps=many", "holds a value of type int"],
+    ),
+    (
+        "bad value",
+        ["train.py", RUNLOCAL, "--config.optim.lr=-1", "--workdir={base}/w1"],
+        ["config.optim.lr", "must be > 0"],
+    ),
     # workdirs that cannot hold a run
-    ("workdir is a file", ["train.py", RUNLOCAL, "--workdir={file}"],
-     ["--workdir={file} is a file, not a folder"]),
-    ("workdir under a file", ["train.py", RUNLOCAL, "--workdir={file}/run"],
-     ["--workdir={file}/run cannot be created (Not a directory)", "a folder you can write to"]),
-    ("workdir under /proc", ["train.py", RUNLOCAL, "--workdir=/proc/ddpm_jax_no_such/run"],
-     ["--workdir=/proc/ddpm_jax_no_such/run cannot be created", "a folder you can write to"]),
+    ("workdir is a file", ["train.py", RUNLOCAL, "--workdir={file}"], ["--workdir={file} is a file, not a folder"]),
+    (
+        "workdir under a file",
+        ["train.py", RUNLOCAL, "--workdir={file}/run"],
+        ["--workdir={file}/run cannot be created (Not a directory)", "a folder you can write to"],
+    ),
+    (
+        "workdir under /proc",
+        ["train.py", RUNLOCAL, "--workdir=/proc/ddpm_jax_no_such/run"],
+        ["--workdir=/proc/ddpm_jax_no_such/run cannot be created", "a folder you can write to"],
+    ),
     # data
-    ("data_dir missing", ["train.py", RUNLOCAL, "--config.data.data_dir={base}/no_tfds", "--workdir={base}/w2"],
-     ["config.data.data_dir='{base}/no_tfds' does not exist", "prepared tfds datasets"]),
+    (
+        "data_dir missing",
+        ["train.py", RUNLOCAL, "--config.data.data_dir={base}/no_tfds", "--workdir={base}/w2"],
+        ["config.data.data_dir='{base}/no_tfds' does not exist", "prepared tfds datasets"],
+    ),
     # sample.py: --out, the run, its config, the sampler
-    ("out .jpg", ["sample.py", "--workdir={trained}", "--out={base}/grid.jpg"],
-     ["--out={base}/grid.jpg: grids are written as PNG", "a .png path, a bare name (.png is added) or a folder"]),
-    ("out .npz", ["sample.py", "--workdir={nothing}", "--out=samples.npz"], ["--out=samples.npz: grids are written as PNG"]),
-    ("out under a file", ["sample.py", "--workdir={trained}", "--out={file}/grid.png"],
-     ["--out={file}/grid.png: its folder {file} cannot be created (a file is in the way)"]),
-    ("out under /proc", ["sample.py", "--workdir={trained}", "--out=/proc/ddpm_jax_no_such/grid"],
-     ["--out=/proc/ddpm_jax_no_such/grid: its folder /proc/ddpm_jax_no_such cannot be created"]),
+    (
+        "out .jpg",
+        ["sample.py", "--workdir={trained}", "--out={base}/grid.jpg"],
+        ["--out={base}/grid.jpg: grids are written as PNG", "a .png path, a bare name (.png is added) or a folder"],
+    ),
+    (
+        "out .npz",
+        ["sample.py", "--workdir={nothing}", "--out=samples.npz"],
+        ["--out=samples.npz: grids are written as PNG"],
+    ),
+    (
+        "out under a file",
+        ["sample.py", "--workdir={trained}", "--out={file}/grid.png"],
+        ["--out={file}/grid.png: its folder {file} cannot be created (a file is in the way)"],
+    ),
+    (
+        "out under /proc",
+        ["sample.py", "--workdir={trained}", "--out=/proc/ddpm_jax_no_such/grid"],
+        ["--out=/proc/ddpm_jax_no_such/grid: its folder /proc/ddpm_jax_no_such cannot be created"],
+    ),
     ("no run", ["sample.py", "--workdir={nothing}"], ["no training run in", "config.json is missing"]),
-    ("no checkpoint", ["sample.py", "--workdir={no_checkpoint}"],
-     ["{no_checkpoint}/checkpoints holds no checkpoint: train first"]),
-    ("torn config.json", ["sample.py", "--workdir={torn_config}"],
-     ["{torn_config}/config.json cannot be read (JSONDecodeError", "restore it from a backup"]),
-    ("config.json not an object", ["sample.py", "--workdir={list_config}"],
-     ["{list_config}/config.json cannot be read", "not a JSON object of config sections"]),
-    ("foreign config.json", ["sample.py", "--workdir={foreign_config}"],
-     ["{foreign_config}/config.json is not a usable config", "missing section"]),
-    ("ddim without steps", ["sample.py", "--workdir={trained}", "--sampler=ddim"],
-     ["--sampler=ddim needs --steps in [1, 20] (T of this run), got None"]),
-    ("steps > T", ["sample.py", "--workdir={trained}", "--sampler=respaced", "--steps=5000"],
-     ["--sampler=respaced needs --steps in [1, 20]", "got 5000"]),
-    ("eta > 1", ["sample.py", "--workdir={trained}", "--sampler=ddim", "--steps=5", "--eta=1.5"],
-     ["--eta must lie in [0, 1]", "got 1.5"]),
-    ("unknown sampler", ["sample.py", "--workdir={trained}", "--sampler=euler"],
-     ["flag --sampler=euler: value should be one of <ancestral|respaced|ddim>"]),
-    ("steps 0", ["sample.py", "--workdir={trained}", "--sampler=ddim", "--steps=0"],
-     ["flag --steps=0: 0 is not a positive integer"]),
+    (
+        "no checkpoint",
+        ["sample.py", "--workdir={no_checkpoint}"],
+        ["{no_checkpoint}/checkpoints holds no checkpoint: train first"],
+    ),
+    (
+        "torn config.json",
+        ["sample.py", "--workdir={torn_config}"],
+        ["{torn_config}/config.json cannot be read (JSONDecodeError", "restore it from a backup"],
+    ),
+    (
+        "config.json not an object",
+        ["sample.py", "--workdir={list_config}"],
+        ["{list_config}/config.json cannot be read", "not a JSON object of config sections"],
+    ),
+    (
+        "foreign config.json",
+        ["sample.py", "--workdir={foreign_config}"],
+        ["{foreign_config}/config.json is not a usable config", "missing section"],
+    ),
+    (
+        "ddim without steps",
+        ["sample.py", "--workdir={trained}", "--sampler=ddim"],
+        ["--sampler=ddim needs --steps in [1, 20] (T of this run), got None"],
+    ),
+    (
+        "steps > T",
+        ["sample.py", "--workdir={trained}", "--sampler=respaced", "--steps=5000"],
+        ["--sampler=respaced needs --steps in [1, 20]", "got 5000"],
+    ),
+    (
+        "eta > 1",
+        ["sample.py", "--workdir={trained}", "--sampler=ddim", "--steps=5", "--eta=1.5"],
+        ["--eta must lie in [0, 1]", "got 1.5"],
+    ),
+    (
+        "unknown sampler",
+        ["sample.py", "--workdir={trained}", "--sampler=euler"],
+        ["flag --sampler=euler: value should be one of <ancestral|respaced|ddim>"],
+    ),
+    (
+        "steps 0",
+        ["sample.py", "--workdir={trained}", "--sampler=ddim", "--steps=0"],
+        ["flag --steps=0: 0 is not a positive integer"],
+    ),
     ("num 0", ["sample.py", "--workdir={trained}", "--num=0"], ["flag --num=0: 0 is not a positive integer"]),
     # evaluate reads through the same checks
-    ("evaluate: no folder", ["-m", "ddpm_jax.evaluate", "--workdir={nothing}"], ["--workdir={nothing}: no such folder"]),
-    ("evaluate: torn config.json", ["-m", "ddpm_jax.evaluate", "--workdir={torn_config}"],
-     ["{torn_config}/config.json cannot be read"]),
-    ("evaluate: no checkpoint", ["-m", "ddpm_jax.evaluate", "--workdir={no_checkpoint}"],
-     ["holds no checkpoint: train first"]),
+    (
+        "evaluate: no folder",
+        ["-m", "ddpm_jax.evaluate", "--workdir={nothing}"],
+        ["--workdir={nothing}: no such folder"],
+    ),
+    (
+        "evaluate: torn config.json",
+        ["-m", "ddpm_jax.evaluate", "--workdir={torn_config}"],
+        ["{torn_config}/config.json cannot be read"],
+    ),
+    (
+        "evaluate: no checkpoint",
+        ["-m", "ddpm_jax.evaluate", "--workdir={no_checkpoint}"],
+        ["holds no checkpoint: train first"],
+    ),
 ]
 
 
@@ -196,8 +278,10 @@ def test_read_only_workdir(tmp_path):
             pass
         else:
             pytest.skip("this user can write into a read-only folder (root); /proc stands in above")
-        assert_clean_error(["train.py", RUNLOCAL, f"--workdir={parent}/run"],
-                           [f"--workdir={parent}/run cannot be created (Permission denied)"])
+        assert_clean_error(
+            ["train.py", RUNLOCAL, f"--workdir={parent}/run"],
+            [f"--workdir={parent}/run cannot be created (Permission denied)"],
+        )
     finally:
         parent.chmod(0o755)
 
@@ -207,9 +291,15 @@ def test_second_run_on_a_held_workdir_refuses_at_once(tmp_path):
     """This process holds the lock (a live run); train.py refuses before it loads JAX or TensorFlow."""
     workdir = str(tmp_path / "held")
     with workdir_lock.acquire(workdir, command="the first run"):
-        line = assert_clean_error(["train.py", RUNLOCAL, f"--workdir={workdir}"],
-                                  [f"workdir {workdir} is in use by another run: pid {os.getpid()}",
-                                   "running `the first run`", f"kill {os.getpid()}", "another --workdir"])
+        line = assert_clean_error(
+            ["train.py", RUNLOCAL, f"--workdir={workdir}"],
+            [
+                f"workdir {workdir} is in use by another run: pid {os.getpid()}",
+                "running `the first run`",
+                f"kill {os.getpid()}",
+                "another --workdir",
+            ],
+        )
         assert "sample.py" in line  # says what can still read the run
         proc, wall, cpu = run_cli(["train.py", RUNLOCAL, f"--workdir={workdir}"])
         assert proc.returncode == 1 and cpu < 5.0, (wall, cpu)
@@ -345,8 +435,10 @@ def test_full_disk_outside_a_save_names_the_workdir_and_the_kept_step(tmp_path):
     full = OSError(errno.ENOSPC, "No space left on device", os.path.join(workdir, "metrics.jsonl"))
     error = checkpoint.disk_full_error(workdir, full)
     assert isinstance(error, CheckpointError)
-    assert str(error).startswith(f"no space left on the device of {workdir} while writing {workdir}/metrics.jsonl: "
-                                 "the last complete checkpoint (step 2) is kept.")
+    assert str(error).startswith(
+        f"no space left on the device of {workdir} while writing {workdir}/metrics.jsonl: "
+        "the last complete checkpoint (step 2) is kept."
+    )
     assert checkpoint.disk_full_error(workdir, OSError(errno.EACCES, "Permission denied")) is None
     assert checkpoint.disk_full_error(workdir, CheckpointError("no space left ...")) is None  # said already
 
@@ -360,5 +452,6 @@ def test_cli_run_says_a_full_disk_in_one_line(monkeypatch):
     monkeypatch.setattr(sys, "argv", ["sample.py"])
     with pytest.raises(SystemExit) as info:
         cli.run(main)
-    assert info.value.code == ("error: no space left for /out/grid.png (No space left on device): free space there, "
-                               "or write elsewhere.")
+    assert info.value.code == (
+        "error: no space left for /out/grid.png (No space left on device): free space there, or write elsewhere."
+    )

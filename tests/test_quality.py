@@ -63,8 +63,7 @@ def test_fd_full_covariances_against_eigendecomposition():
     m1, m2 = rng.normal(size=d), rng.normal(size=d)
     s1, s2 = _random_spd(d, rng), _random_spd(d, rng)
     r1 = _sqrt_psd(s1)  # Tr((S1 S2)^1/2) = Tr((S1^1/2 S2 S1^1/2)^1/2), the latter symmetric
-    expected = (np.sum((m1 - m2) ** 2) + np.trace(s1) + np.trace(s2)
-                - 2 * np.trace(_sqrt_psd(r1 @ s2 @ r1)))
+    expected = np.sum((m1 - m2) ** 2) + np.trace(s1) + np.trace(s2) - 2 * np.trace(_sqrt_psd(r1 @ s2 @ r1))
     got = quality.frechet_distance(m1, s1, m2, s2)
     assert got == pytest.approx(expected, rel=1e-9)
 
@@ -75,8 +74,7 @@ def test_fd_singular_covariances_against_eigendecomposition():
     fd = quality.frechet_distance_from_features(f1, f2)
     m1, s1, m2, s2 = f1.mean(0), np.cov(f1, rowvar=False), f2.mean(0), np.cov(f2, rowvar=False)
     r1 = _sqrt_psd(s1)  # exact for singular PSD matrices, where sqrtm(S1 S2) may need the eps * I offset
-    expected = (np.sum((m1 - m2) ** 2) + np.trace(s1) + np.trace(s2)
-                - 2 * np.trace(_sqrt_psd(r1 @ s2 @ r1)))  # 63.1
+    expected = np.sum((m1 - m2) ** 2) + np.trace(s1) + np.trace(s2) - 2 * np.trace(_sqrt_psd(r1 @ s2 @ r1))  # 63.1
     # The offset eps = 1e-6, if used, moves the value by about 4e-6 relative.
     assert fd == pytest.approx(expected, rel=1e-5)
 
@@ -161,15 +159,19 @@ def test_cache_round_trip(classifier, cache_dir):
     loaded = dc.load_or_train(cache_dir, seed=0)
     assert loaded is not classifier
     images, _ = dc.digits_split("test")
-    np.testing.assert_array_equal(dc.features_and_probs(loaded, images)[0],
-                                  dc.features_and_probs(classifier, images)[0])
+    np.testing.assert_array_equal(
+        dc.features_and_probs(loaded, images)[0], dc.features_and_probs(classifier, images)[0]
+    )
     assert dc.load_or_train(cache_dir, seed=0) is loaded  # in-process cache
 
 
-@pytest.mark.parametrize("content", [
-    b"\x00garbage\xff" * 7,  # not msgpack
-    dc.flax.serialization.to_bytes({"Dense_0": {"kernel": np.zeros((3, 3), np.float32)}}),
-])
+@pytest.mark.parametrize(
+    "content",
+    [
+        b"\x00garbage\xff" * 7,  # not msgpack
+        dc.flax.serialization.to_bytes({"Dense_0": {"kernel": np.zeros((3, 3), np.float32)}}),
+    ],
+)
 def test_damaged_cache_is_retrained(classifier, tmp_path, monkeypatch, content):
     path = dc.cache_path(str(tmp_path), 0)
     with open(path, "wb") as f:

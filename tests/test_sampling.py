@@ -154,8 +154,12 @@ def gaussian_model(a, sig, parameterization="x0", var_channel=None, m=M, sd=S):
         at, st = a32[t][:, None, None, None], sig32[t][:, None, None, None]
         x0 = m + at * sd**2 / (at**2 * sd**2 + st**2) * (x - at * m)
         eps = (x - at * x0) / st
-        out = {"x0": x0, "eps": eps, "v": at * eps - st * x0,
-               "mean": c0[t][:, None, None, None] * x0 + cx[t][:, None, None, None] * x}[parameterization]
+        out = {
+            "x0": x0,
+            "eps": eps,
+            "v": at * eps - st * x0,
+            "mean": c0[t][:, None, None, None] * x0 + cx[t][:, None, None, None] * x,
+        }[parameterization]
         if extra is not None:
             out = jnp.concatenate([out, jnp.broadcast_to(extra[t][:, None, None, None], x.shape)], axis=-1)
         return out
@@ -164,8 +168,12 @@ def gaussian_model(a, sig, parameterization="x0", var_channel=None, m=M, sd=S):
 
 
 def run(loop, sched, model_fn, rng, n=N, **kw):
-    return np.asarray(jax.jit(lambda r: loop(sched, model_fn, (n, 1, 1, 1), r, clip_denoised=False, **kw)["samples"])(
-        jax.random.PRNGKey(rng)), np.float64)
+    return np.asarray(
+        jax.jit(lambda r: loop(sched, model_fn, (n, 1, 1, 1), r, clip_denoised=False, **kw)["samples"])(
+            jax.random.PRNGKey(rng)
+        ),
+        np.float64,
+    )
 
 
 def var_channel(variance, sched):
@@ -186,8 +194,7 @@ def var_channel(variance, sched):
 @pytest.mark.parametrize("parameterization", ["x0", "eps", "v", "mean"])
 def test_ancestral_sampler_has_the_exact_law(sched, parameterization):
     a, sig = vp_marginals(sched)
-    x = run(sampling.sample_loop, sched, gaussian_model(a, sig, parameterization), 0,
-            parameterization=parameterization)
+    x = run(sampling.sample_loop, sched, gaussian_model(a, sig, parameterization), 0, parameterization=parameterization)
     check_law(x, ancestral_law(a, sig))
 
 
@@ -195,8 +202,14 @@ def test_ancestral_sampler_has_the_exact_law(sched, parameterization):
 def test_ancestral_sampler_variances_have_the_exact_law(short_sched, variance):
     a, sig = vp_marginals(short_sched)
     channel, ref_kw = var_channel(variance, short_sched)
-    x = run(sampling.sample_loop, short_sched, gaussian_model(a, sig, "eps", channel), 1,
-            parameterization="eps", variance=variance)
+    x = run(
+        sampling.sample_loop,
+        short_sched,
+        gaussian_model(a, sig, "eps", channel),
+        1,
+        parameterization="eps",
+        variance=variance,
+    )
     law = ancestral_law(a, sig, variance=variance, **ref_kw(np.arange(len(a))))
     check_law(x, law)
     # Each variance choice moves the law by more than twice the tolerance from fixed_small's (42 to 92
@@ -210,8 +223,9 @@ def test_ancestral_sampler_variances_have_the_exact_law(short_sched, variance):
 def test_ve_sampler_has_the_exact_law(ve_sched, parameterization, num_steps):
     a, sig = ve_marginals(T)
     use = kept(num_steps)
-    loop, kw = ((sampling.sample_loop, {}) if num_steps == T
-                else (sampling.respaced_sample_loop, {"num_steps": num_steps}))
+    loop, kw = (
+        (sampling.sample_loop, {}) if num_steps == T else (sampling.respaced_sample_loop, {"num_steps": num_steps})
+    )
     x = run(loop, ve_sched, gaussian_model(a, sig, parameterization), 2, parameterization=parameterization, **kw)
     # x_T ~ p(x_T) = N(0, 1 + sigma_max^2)
     check_law(x, ancestral_law(a[use], sig[use], prior=(0.0, 1.0 + VE_SIGMA_MAX**2)))
@@ -222,8 +236,10 @@ def test_given_x_T_the_law_is_conditional_on_it(sched):
     # Every chain starts at x_T = 100: the output is N(slope 100 + shift, the noise's variance). The chain
     # forgets x_T (slope 2.2e-4), so x_T is far out to move the mean by 17-23 standard errors.
     x_T = jnp.full(SHAPE, 100.0)
-    for loop, kw, use in [(sampling.sample_loop, {}, np.arange(T)),
-                          (sampling.respaced_sample_loop, {"num_steps": 25}, kept(25))]:
+    for loop, kw, use in [
+        (sampling.sample_loop, {}, np.arange(T)),
+        (sampling.respaced_sample_loop, {"num_steps": 25}, kept(25)),
+    ]:
         x = run(loop, sched, gaussian_model(a, sig), 3, x_T=x_T, parameterization="x0", **kw)
         law = ancestral_law(a[use], sig[use], prior=(100.0, 0.0))
         check_law(x, law)
@@ -240,9 +256,19 @@ def test_ddim_eta0_is_a_deterministic_map_of_x_T(sched):
     use = kept(50)
     x_T = jnp.asarray(np.random.default_rng(0).normal(size=(256, 1, 1, 1)), jnp.float32)
 
-    loop = jax.jit(lambda r, eta: sampling.ddim_sample_loop(sched, gaussian_model(a, sig), x_T.shape, r, num_steps=50,
-                                                            eta=eta, parameterization="x0", clip_denoised=False,
-                                                            x_T=x_T)["samples"])
+    loop = jax.jit(
+        lambda r, eta: sampling.ddim_sample_loop(
+            sched,
+            gaussian_model(a, sig),
+            x_T.shape,
+            r,
+            num_steps=50,
+            eta=eta,
+            parameterization="x0",
+            clip_denoised=False,
+            x_T=x_T,
+        )["samples"]
+    )
 
     def ddim(rng, eta):
         return np.asarray(loop(jax.random.PRNGKey(rng), eta), np.float64)
@@ -256,15 +282,24 @@ def test_ddim_eta0_is_a_deterministic_map_of_x_T(sched):
     # With eta = 1 the key matters (so the comparison above can fail).
     assert np.abs(ddim(1, 1.0) - ddim(2, 1.0)).max() > 0.05
     # Without x_T the key draws x_T ~ N(0, 1): the law of the exact recursion at these 50 steps.
-    check_law(run(sampling.ddim_sample_loop, sched, gaussian_model(a, sig), 4, num_steps=50, eta=0.0,
-                  parameterization="x0"), ddim_law(a[use], sig[use], 0.0))
+    check_law(
+        run(sampling.ddim_sample_loop, sched, gaussian_model(a, sig), 4, num_steps=50, eta=0.0, parameterization="x0"),
+        ddim_law(a[use], sig[use], 0.0),
+    )
 
 
 @pytest.mark.parametrize("parameterization", ["eps", "v"])
 def test_ddim_eta0_parameterizations_have_the_exact_law(sched, parameterization):
     a, sig = vp_marginals(sched)
-    x = run(sampling.ddim_sample_loop, sched, gaussian_model(a, sig, parameterization), 5, num_steps=25, eta=0.0,
-            parameterization=parameterization)
+    x = run(
+        sampling.ddim_sample_loop,
+        sched,
+        gaussian_model(a, sig, parameterization),
+        5,
+        num_steps=25,
+        eta=0.0,
+        parameterization=parameterization,
+    )
     check_law(x, ddim_law(a[kept(25)], sig[kept(25)], 0.0))
 
 
@@ -281,9 +316,18 @@ def test_ddim_eta1_full_steps_is_ancestral_sampling_in_law(sched):
 # ----------------------------------------------------------------------------- respacing
 
 
-@pytest.mark.parametrize("parameterization,variance", [
-    ("x0", "fixed_small"), ("eps", "fixed_small"), ("v", "fixed_small"), ("mean", "fixed_small"),
-    ("x0", "fixed_large"), ("mean", "learned_range"), ("eps", "learned_range")])
+@pytest.mark.parametrize(
+    "parameterization,variance",
+    [
+        ("x0", "fixed_small"),
+        ("eps", "fixed_small"),
+        ("v", "fixed_small"),
+        ("mean", "fixed_small"),
+        ("x0", "fixed_large"),
+        ("mean", "learned_range"),
+        ("eps", "learned_range"),
+    ],
+)
 def test_respaced_sampler_has_the_exact_law_of_the_short_chain(sched, parameterization, variance):
     # The respaced chain keeps the marginals at the kept steps and forms its posterior from them
     # (fixed_large: its own beta; learned_range: between its own beta and posterior variance).
@@ -291,8 +335,15 @@ def test_respaced_sampler_has_the_exact_law_of_the_short_chain(sched, parameteri
     a, sig = vp_marginals(sched)
     use = kept(25)
     channel, ref_kw = var_channel(variance, sched)
-    x = run(sampling.respaced_sample_loop, sched, gaussian_model(a, sig, parameterization, channel), 7,
-            num_steps=25, parameterization=parameterization, variance=variance)
+    x = run(
+        sampling.respaced_sample_loop,
+        sched,
+        gaussian_model(a, sig, parameterization, channel),
+        7,
+        num_steps=25,
+        parameterization=parameterization,
+        variance=variance,
+    )
     check_law(x, ancestral_law(a[use], sig[use], variance=variance, **ref_kw(use)))
 
 
@@ -300,17 +351,27 @@ def test_respaced_mean_model_samples_as_the_x0_model(sched):
     # The exact mean model is the full chain's posterior mean of the exact x0 model: respaced, both must
     # give the same samples from the same key (up to float32). (25 steps: the law test above.)
     a, sig = vp_marginals(sched)
-    x0, mean = (run(sampling.respaced_sample_loop, sched, gaussian_model(a, sig, p), 8, num_steps=10,
-                    parameterization=p) for p in ("x0", "mean"))
+    x0, mean = (
+        run(sampling.respaced_sample_loop, sched, gaussian_model(a, sig, p), 8, num_steps=10, parameterization=p)
+        for p in ("x0", "mean")
+    )
     np.testing.assert_allclose(mean, x0, atol=1e-5)  # 1e-6 seen
 
 
 def test_respaced_with_all_steps_is_the_ancestral_sampler(sched):
     a, sig = vp_marginals(sched)
-    full = sampling.respaced_sample_loop(sched, gaussian_model(a, sig), (64, 1, 1, 1), jax.random.PRNGKey(9),
-                                         num_steps=T, parameterization="x0", num_frames=3)
-    anc = sampling.sample_loop(sched, gaussian_model(a, sig), (64, 1, 1, 1), jax.random.PRNGKey(9),
-                               parameterization="x0", num_frames=3)
+    full = sampling.respaced_sample_loop(
+        sched,
+        gaussian_model(a, sig),
+        (64, 1, 1, 1),
+        jax.random.PRNGKey(9),
+        num_steps=T,
+        parameterization="x0",
+        num_frames=3,
+    )
+    anc = sampling.sample_loop(
+        sched, gaussian_model(a, sig), (64, 1, 1, 1), jax.random.PRNGKey(9), parameterization="x0", num_frames=3
+    )
     # Same keys, the same draws: equal up to the float32 rebuild of the tables.
     np.testing.assert_allclose(full["samples"], anc["samples"], atol=2e-4)
     np.testing.assert_array_equal(full["frame_t"], anc["frame_t"])
@@ -331,20 +392,37 @@ def test_kept_timesteps():
 def test_frames_are_the_chain_and_its_denoised_predictions(sched):
     a, sig = vp_marginals(sched)
     x_T = jnp.asarray(np.random.default_rng(1).normal(size=(64, 1, 1, 1)), jnp.float32)
-    out = sampling.sample_loop(sched, gaussian_model(a, sig), (64, 1, 1, 1), jax.random.PRNGKey(10),
-                               parameterization="x0", clip_denoised=False, num_frames=T, x_T=x_T)
+    out = sampling.sample_loop(
+        sched,
+        gaussian_model(a, sig),
+        (64, 1, 1, 1),
+        jax.random.PRNGKey(10),
+        parameterization="x0",
+        clip_denoised=False,
+        num_frames=T,
+        x_T=x_T,
+    )
     assert out["frames"].shape == out["pred_x0"].shape == (T, 64, 1, 1, 1)
     np.testing.assert_array_equal(out["frame_t"], np.arange(T - 1, -1, -1))
     # pred_x0 at step t is the denoiser at the step's input: x_T, then the previous frame.
     inputs = np.concatenate([np.asarray(x_T, np.float64)[None], np.asarray(out["frames"][:-1], np.float64)])
     g, h = denoiser(a[::-1], sig[::-1])
-    np.testing.assert_allclose(out["pred_x0"], h[:, None, None, None, None] + g[:, None, None, None, None] * inputs,
-                               atol=1e-5)
+    np.testing.assert_allclose(
+        out["pred_x0"], h[:, None, None, None, None] + g[:, None, None, None, None] * inputs, atol=1e-5
+    )
     # The last frame is x_0 itself (these data lie well inside [-1, 1], so the clip does not touch them).
     assert np.abs(out["frames"][-1]).max() < 1
     np.testing.assert_array_equal(out["frames"][-1], out["samples"])
-    few = sampling.sample_loop(sched, gaussian_model(a, sig), (64, 1, 1, 1), jax.random.PRNGKey(10),
-                               parameterization="x0", clip_denoised=False, num_frames=5, x_T=x_T)
+    few = sampling.sample_loop(
+        sched,
+        gaussian_model(a, sig),
+        (64, 1, 1, 1),
+        jax.random.PRNGKey(10),
+        parameterization="x0",
+        clip_denoised=False,
+        num_frames=5,
+        x_T=x_T,
+    )
     np.testing.assert_array_equal(few["frame_t"], [199, 149, 99, 50, 0])
     np.testing.assert_array_equal(few["frames"], np.asarray(out["frames"])[[0, 50, 100, 149, 199]])
 
@@ -353,13 +431,23 @@ def test_samples_are_the_chain_clipped_to_the_data_range(sched):
     # Data N(0.8, 0.5^2): a known fraction of the final x_0 lies above 1 and must come out as exactly 1.
     m, sd = 0.8, 0.5
     a, sig = vp_marginals(sched)
-    out = jax.jit(lambda r: sampling.sample_loop(sched, gaussian_model(a, sig, m=m, sd=sd), SHAPE, r,
-                                                 parameterization="x0", clip_denoised=False, num_frames=2))(
-        jax.random.PRNGKey(11))
+    out = jax.jit(
+        lambda r: sampling.sample_loop(
+            sched,
+            gaussian_model(a, sig, m=m, sd=sd),
+            SHAPE,
+            r,
+            parameterization="x0",
+            clip_denoised=False,
+            num_frames=2,
+        )
+    )(jax.random.PRNGKey(11))
     final, samples = np.asarray(out["frames"][-1]), np.asarray(out["samples"])
     np.testing.assert_array_equal(samples, np.clip(final, -1, 1))
     mu, var = ancestral_law(a, sig, m=m, sd=sd)
-    for frac, p in [((samples == 1).mean(), stats.norm.sf(1, mu, np.sqrt(var))),
-                    ((samples == -1).mean(), stats.norm.cdf(-1, mu, np.sqrt(var)))]:
+    for frac, p in [
+        ((samples == 1).mean(), stats.norm.sf(1, mu, np.sqrt(var))),
+        ((samples == -1).mean(), stats.norm.cdf(-1, mu, np.sqrt(var))),
+    ]:
         assert abs(frac - p) < N_SE * np.sqrt(p * (1 - p) / N) + 1 / N, (frac, p)
     assert (samples == 1).mean() > 0.3  # p = 0.34 above 1 (and 1e-4 below -1): the clip is exercised

@@ -23,9 +23,15 @@ _REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 def _record(**over) -> dict:
     """A lock record of a live process of this machine (pytest's parent), changed by `over`."""
     pid = os.getppid()
-    rec = {**workdir_lock._machine(), "pid": pid, "proc_start": workdir_lock._proc_start(pid),
-           "start_time": "2024-01-02 03:04:05+00:00", "heartbeat": time.time(), "command": "python train.py",
-           "token": "othertoken"}
+    rec = {
+        **workdir_lock._machine(),
+        "pid": pid,
+        "proc_start": workdir_lock._proc_start(pid),
+        "start_time": "2024-01-02 03:04:05+00:00",
+        "heartbeat": time.time(),
+        "command": "python train.py",
+        "token": "othertoken",
+    }
     return {**rec, **over}
 
 
@@ -53,7 +59,11 @@ def test_acquire_on_empty_workdir_writes_the_record_and_release_removes_it(tmp_p
     lock, said = _acquire(workdir, command="python train.py --workdir=x")
     rec = json.loads((workdir / "run.lock").read_text())
     assert said == [] and lock.path == str(workdir / "run.lock")
-    assert (rec["host"], rec["pid"], rec["command"]) == (socket.gethostname(), os.getpid(), "python train.py --workdir=x")
+    assert (rec["host"], rec["pid"], rec["command"]) == (
+        socket.gethostname(),
+        os.getpid(),
+        "python train.py --workdir=x",
+    )
     assert rec["start_time"] and abs(rec["heartbeat"] - time.time()) < 5 and rec["token"] == lock.record["token"]
     lock.release()
     lock.release()  # twice is fine
@@ -67,8 +77,17 @@ def test_live_holder_refuses_with_who_and_the_fix(tmp_path):
         _acquire(tmp_path)
     msg = str(e.value)
     assert isinstance(e.value, errors.UserError)
-    for part in (socket.gethostname(), f"pid {os.getppid()}", "2024-01-02 03:04:05", "last heartbeat",
-                 f"kill {os.getppid()}", "SIGTERM", "--workdir", "sample.py", "python train.py"):
+    for part in (
+        socket.gethostname(),
+        f"pid {os.getppid()}",
+        "2024-01-02 03:04:05",
+        "last heartbeat",
+        f"kill {os.getppid()}",
+        "SIGTERM",
+        "--workdir",
+        "sample.py",
+        "python train.py",
+    ):
         assert part in msg, part
     assert open(path).read() == before and os.listdir(tmp_path) == ["run.lock"]
 
@@ -76,6 +95,7 @@ def test_live_holder_refuses_with_who_and_the_fix(tmp_path):
 def test_permission_error_means_alive(tmp_path, monkeypatch):
     def kill(pid, sig):
         raise PermissionError
+
     monkeypatch.setattr(workdir_lock.os, "kill", kill)
     _write(tmp_path, _record(pid=12345, proc_start=None))
     with pytest.raises(errors.WorkdirLocked, match="pid 12345"):
@@ -87,8 +107,10 @@ def test_dead_pid_is_taken_over_and_its_lock_kept(tmp_path, pid):
     old = _record(pid=pid, proc_start=None, heartbeat=time.time())
     _write(tmp_path, old)
     lock, said = _acquire(tmp_path)
-    assert said[0].startswith(f"Taking over the lock of {socket.gethostname()}:{pid} (started 2024-01-02 03:04:05"
-                              f"+00:00): that process is gone.")
+    assert said[0].startswith(
+        f"Taking over the lock of {socket.gethostname()}:{pid} (started 2024-01-02 03:04:05"
+        f"+00:00): that process is gone."
+    )
     assert json.loads((tmp_path / "run.lock").read_text())["token"] == lock.record["token"]
     assert json.loads((tmp_path / "run.lock.stale-othertoken").read_text()) == old  # nothing deleted
     lock.release()
@@ -196,8 +218,9 @@ _HOLDER = textwrap.dedent("""
 
 
 def _holder(workdir, start_at=0.0) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "-c", _HOLDER, str(workdir), str(start_at)], cwd=_REPO,
-                            stdout=subprocess.PIPE, text=True)
+    return subprocess.Popen(
+        [sys.executable, "-c", _HOLDER, str(workdir), str(start_at)], cwd=_REPO, stdout=subprocess.PIPE, text=True
+    )
 
 
 def test_two_processes_live_then_killed(tmp_path):

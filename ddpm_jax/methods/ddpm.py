@@ -200,13 +200,16 @@ class DDPM(Method):
         return advice
 
     # ------------------------------------------------------------------ parameters
+    @functools.cached_property
+    def _jitted_init(self):
+        """The network's init, jitted once per method (eager init dispatches op by op)."""
+        if self.learned_schedule:
+            return jax.jit(functools.partial(self._init_model.init, method="init_all"))
+        return jax.jit(functools.partial(self._init_model.init, train=False))
+
     def init_params(self, rng):
         x, t = jnp.zeros((1,) + self.image_shape), jnp.zeros((1,), jnp.int32)
-        if self.learned_schedule:
-            init = functools.partial(self._init_model.init, method="init_all")
-        else:
-            init = functools.partial(self._init_model.init, train=False)
-        params = jax.jit(init)(rng, x, t)["params"]  # jitted: eager init dispatches op by op
+        params = self._jitted_init(rng, x, t)["params"]
         if self.decoder != "learned":
             return params
         params = dict(params) if self.learned_schedule else {"network": params}

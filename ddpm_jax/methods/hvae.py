@@ -5,6 +5,8 @@ ddpm_jax.models.hvae."""
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import ml_collections
@@ -34,9 +36,13 @@ class HVAE(Method):
         except ValueError as e:
             raise ConfigError(str(e)) from None
 
+    @functools.cached_property
+    def _jitted_init(self):
+        return jax.jit(self.model.init)  # once per method: each new jit compiles again
+
     def init_params(self, rng):
         x, z = jnp.zeros((1,) + self.image_shape), jnp.zeros((1,) + self.noise_shape)
-        return jax.jit(self.model.init)(rng, x, z)["params"]
+        return self._jitted_init(rng, x, z)["params"]
 
     def model_fn(self, params):
         raise ConfigError("the hierarchical VAE has no denoiser model_fn(x_t, t); draw from it with Run.sample.")

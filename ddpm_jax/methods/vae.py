@@ -3,6 +3,8 @@ DDPM's discretized decoder, so its negative ELBO sits beside the diffusion bound
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import ml_collections
@@ -32,9 +34,13 @@ class VAE(Method):
         except ValueError as e:
             raise ConfigError(str(e)) from None
 
+    @functools.cached_property
+    def _jitted_init(self):
+        return jax.jit(self.model.init)  # once per method: each new jit compiles again
+
     def init_params(self, rng):
         x, z = jnp.zeros((1,) + self.image_shape), jnp.zeros((1,) + self.latent_shape)
-        return jax.jit(self.model.init)(rng, x, z)["params"]
+        return self._jitted_init(rng, x, z)["params"]
 
     def model_fn(self, params):
         raise ConfigError("the VAE has no denoiser model_fn(x_t, t); draw from it with Run.sample.")

@@ -4,6 +4,8 @@ gamma, and the bound of ddpm_jax.vdm (256-bin decoder, continuous diffusion loss
 
 from __future__ import annotations
 
+import functools
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -80,9 +82,13 @@ class VDM(Method):
             raise ConfigError(str(e)) from None
 
     # ------------------------------------------------------------------ pieces
+    @functools.cached_property
+    def _jitted_init(self):
+        return jax.jit(self.model.init)  # once per method: each new jit compiles again
+
     def init_params(self, rng):
         z, t = jnp.zeros((1,) + self.image_shape), jnp.zeros((1,), jnp.float32)
-        return jax.jit(lambda key: self.model.init(key, z, t))(rng)["params"]
+        return self._jitted_init(rng, z, t)["params"]
 
     def gamma_fn(self, params):
         return lambda t: self.apply_fn({"params": params}, t, method="gamma")
