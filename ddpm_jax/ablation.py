@@ -314,6 +314,9 @@ def cli_main() -> None:
     def main(argv):
         if not _GRID.value:
             raise ConfigError("--grid is required, e.g. --grid=configs/ablations/schedules.py")
+        from ddpm_jax import data
+
+        data.hide_gpus_from_tf()  # tf.data stays on the CPU, the accelerators' memory to JAX
         run_grid(
             _GRID.value,
             _OUT.value,

@@ -118,6 +118,10 @@ def cli_main() -> None:
     def main(argv):
         if not os.path.isdir(_WORKDIR.value):
             raise ConfigError(f"--workdir={_WORKDIR.value}: no such folder; pass a workdir that train.py wrote.")
+        if _BPD.value:  # reading the test split starts TensorFlow: keep it off the GPUs
+            from ddpm_jax import data
+
+            data.hide_gpus_from_tf()
         result = evaluate_workdir(
             _WORKDIR.value,
             params=_PARAMS.value,

@@ -11,6 +11,7 @@ Randomness: the steps hand a method one key per example, derived from the exampl
 from __future__ import annotations
 
 import abc
+import functools
 from typing import Any
 
 import chex
@@ -50,6 +51,11 @@ class Method(abc.ABC):
     @abc.abstractmethod
     def init_params(self, rng: chex.PRNGKey) -> Params:
         """Fresh parameters (the "params" collection)."""
+
+    @functools.cached_property
+    def _jitted_init(self):
+        """`self.model.init`, jitted once per method: eager init dispatches op by op, a new jit compiles again."""
+        return jax.jit(self.model.init)
 
     def init_loss_history(self):
         """Per-method training state beside the params (e.g. the importance sampler's history)."""

@@ -5,9 +5,6 @@ ddpm_jax.models.hvae."""
 
 from __future__ import annotations
 
-import functools
-
-import jax
 import jax.numpy as jnp
 import ml_collections
 
@@ -35,10 +32,6 @@ class HVAE(Method):
             create_hvae(config.hvae, config.data.image_size, config.data.channels)
         except ValueError as e:
             raise ConfigError(str(e)) from None
-
-    @functools.cached_property
-    def _jitted_init(self):
-        return jax.jit(self.model.init)  # once per method: each new jit compiles again
 
     def init_params(self, rng):
         x, z = jnp.zeros((1,) + self.image_shape), jnp.zeros((1,) + self.noise_shape)

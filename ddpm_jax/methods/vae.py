@@ -3,9 +3,6 @@ DDPM's discretized decoder, so its negative ELBO sits beside the diffusion bound
 
 from __future__ import annotations
 
-import functools
-
-import jax
 import jax.numpy as jnp
 import ml_collections
 
@@ -33,10 +30,6 @@ class VAE(Method):
             create_vae(config.vae, config.data.image_size, config.data.channels)
         except ValueError as e:
             raise ConfigError(str(e)) from None
-
-    @functools.cached_property
-    def _jitted_init(self):
-        return jax.jit(self.model.init)  # once per method: each new jit compiles again
 
     def init_params(self, rng):
         x, z = jnp.zeros((1,) + self.image_shape), jnp.zeros((1,) + self.latent_shape)

@@ -4,8 +4,6 @@ gamma, and the bound of ddpm_jax.vdm (256-bin decoder, continuous diffusion loss
 
 from __future__ import annotations
 
-import functools
-
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -82,10 +80,6 @@ class VDM(Method):
             raise ConfigError(str(e)) from None
 
     # ------------------------------------------------------------------ pieces
-    @functools.cached_property
-    def _jitted_init(self):
-        return jax.jit(self.model.init)  # once per method: each new jit compiles again
-
     def init_params(self, rng):
         z, t = jnp.zeros((1,) + self.image_shape), jnp.zeros((1,), jnp.float32)
         return self._jitted_init(rng, z, t)["params"]
