@@ -267,26 +267,6 @@ def test_command_line_error(dirs, argv, expected):
 
 
 @pytest.mark.slow
-def test_read_only_workdir(tmp_path):
-    parent = tmp_path / "read_only"
-    parent.mkdir()
-    parent.chmod(0o555)
-    try:
-        try:
-            os.mkdir(parent / "probe")  # root (or CAP_DAC_OVERRIDE) writes anyway
-        except PermissionError:
-            pass
-        else:
-            pytest.skip("this user can write into a read-only folder (root); /proc stands in above")
-        assert_clean_error(
-            ["train.py", RUNLOCAL, f"--workdir={parent}/run"],
-            [f"--workdir={parent}/run cannot be created (Permission denied)"],
-        )
-    finally:
-        parent.chmod(0o755)
-
-
-@pytest.mark.slow
 def test_second_run_on_a_held_workdir_refuses_at_once(tmp_path):
     """This process holds the lock (a live run); train.py refuses before it loads JAX or TensorFlow."""
     workdir = str(tmp_path / "held")
