@@ -73,7 +73,6 @@ def sample_from_workdir(
         eta=eta,
     )
     stem = os.path.splitext(png)[0]
-    os.makedirs(os.path.dirname(os.path.abspath(png)), exist_ok=True)
     np.savez(stem + ".npz", samples=result["samples"])
     paths = [stem + ".npz", plots.save_grid(result["samples"], png)]
     if "frames" in result:
