@@ -1,4 +1,4 @@
-"""Trains a model: `python train.py [--config=configs/default.py] [--workdir=runs/default]`.
+"""Trains a model: `python train.py [--config=configs/vdm.py] [--workdir=runs/default]`.
 
 Any config field can be overridden, e.g. `--config.training.num_train_steps=500`.
 Re-running the same command resumes from the latest checkpoint in --workdir; SIGTERM / Ctrl-C
@@ -15,7 +15,7 @@ from absl import flags
 
 from ddpm_jax import cli
 
-_DEFAULT_CONFIG = os.path.join(os.path.dirname(os.path.abspath(__file__)), "configs", "default.py")
+_DEFAULT_CONFIG = os.path.join(os.path.dirname(os.path.abspath(__file__)), "configs", "vdm.py")
 _CONFIG = cli.define_config_flag(_DEFAULT_CONFIG, "Training config file (configs/*.py), optionally with :runlocal.")
 _WORKDIR = flags.DEFINE_string("workdir", "runs/default", "Where checkpoints, metrics and samples go.")
 _COORDINATOR = flags.DEFINE_string("coordinator_address", None, "Multi-process runs: host:port of process 0.")

@@ -2,7 +2,7 @@
 
     python bench/concurrent_launch.py [--steps 400] [--checkpoint_every 5] [--workdir DIR] [--keep]
 
-Starts `python train.py --config=configs/default.py:runlocal --config.training.num_train_steps=400
+Starts `python train.py --config=configs/ddpm.py:runlocal --config.training.num_train_steps=400
 --config.training.checkpoint_every=5 --config.training.final_bpd=False --workdir=<tmp>`, waits until
 that process holds `<workdir>/run.lock` (the lock's pid is its pid), then starts the same command
 again. Reports the second process's exit code, its time from start to exit (the time to refuse;
@@ -34,7 +34,7 @@ def _command(workdir: str, steps: int, checkpoint_every: int) -> list[str]:
     return [
         sys.executable,
         "train.py",
-        "--config=configs/default.py:runlocal",
+        "--config=configs/ddpm.py:runlocal",
         f"--config.training.num_train_steps={steps}",
         f"--config.training.checkpoint_every={checkpoint_every}",
         "--config.training.final_bpd=False",

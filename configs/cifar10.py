@@ -1,16 +1,16 @@
 """CIFAR-10 as in Ho et al. 2020: the 35.7M-parameter UNet, 800k steps of batch 128, Adam 2e-4.
 
-Only the fields that differ from configs/default.py are set here.
+Only the fields that differ from configs/ddpm.py are set here.
 `get_config("runlocal")` keeps the CIFAR data shapes but shrinks the model and the loop for smoke runs.
 """
 
 import ml_collections
 
-from configs import default
+from configs import ddpm as ddpm_config
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
-    config = default.get_config()
+    config = ddpm_config.get_config()
 
     config.data.dataset = "cifar10"
     config.data.image_size = 32
@@ -45,5 +45,5 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.optim.grad_clip = 1.0
 
     if arg == "runlocal":
-        default.shrink_for_runlocal(config)
+        ddpm_config.shrink_for_runlocal(config)
     return config

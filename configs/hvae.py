@@ -1,18 +1,18 @@
 """The hierarchical VAE on the digits (the lecture's Markovian HVAE, between the VAE and the DDPM),
 trained and scored like them.
 
-Same data, loop, optimiser, EMA and discretized decoder as configs/default.py and configs/vae.py
+Same data, loop, optimiser, EMA and discretized decoder as configs/ddpm.py and configs/vae.py
 (level 1 is configs/vae.py's VAE), so its test bits/dim (the negative ELBO) sits beside theirs:
 `python train.py --config=configs/hvae.py`. num_levels = 1 is the VAE.
 """
 
 import ml_collections
 
-from configs import default
+from configs import ddpm as ddpm_config
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
-    config = default.get_config(arg)
+    config = ddpm_config.get_config(arg)
     config.method = "hvae"
     config.hvae = ml_collections.ConfigDict()
     config.hvae.num_levels = 2  # latent levels z_1..z_L

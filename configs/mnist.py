@@ -1,10 +1,10 @@
 """MNIST 28x28 (needs the tfds mnist download, so a machine with a network or a prepared data_dir)."""
 
-from configs import default
+from configs import ddpm as ddpm_config
 
 
 def get_config(arg: str | None = None):
-    config = default.get_config(arg)
+    config = ddpm_config.get_config(arg)
     config.data.dataset = "mnist"
     config.data.image_size = 28
     config.data.channels = 1

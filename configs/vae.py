@@ -1,16 +1,16 @@
 """The VAE baseline on the digits (the lecture's starting point), trained and scored like the DDPM.
 
-Same data, loop, optimiser, EMA and discretized decoder as configs/default.py, so its test
+Same data, loop, optimiser, EMA and discretized decoder as configs/ddpm.py, so its test
 bits/dim (the negative ELBO) sits beside the DDPM's bound: `python train.py --config=configs/vae.py`.
 """
 
 import ml_collections
 
-from configs import default
+from configs import ddpm as ddpm_config
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
-    config = default.get_config(arg)
+    config = ddpm_config.get_config(arg)
     config.method = "vae"
     config.vae = ml_collections.ConfigDict()
     config.vae.latent_dim = 16

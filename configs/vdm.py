@@ -4,11 +4,11 @@ VDM's 256-bin decoder and exact prior. `python train.py --config=configs/vdm.py`
 
 import ml_collections
 
-from configs import default
+from configs import ddpm as ddpm_config
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
-    config = default.get_config(arg)
+    config = ddpm_config.get_config(arg)
     config.method = "vdm"
     config.vdm = ml_collections.ConfigDict()
     config.vdm.gamma_min = -13.3  # gamma(0) = -log SNR at t = 0 (initial value when learned)

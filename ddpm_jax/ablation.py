@@ -3,7 +3,7 @@
     python -m ddpm_jax.ablation --grid=configs/ablations/schedules.py [--out=runs/ablations] [--set=field=value]
 
 A grid file defines `get_grid()` returning
-    {"base": "configs/default.py",            # config file of every cell (a cell may name another: "config")
+    {"base": "configs/ddpm.py",            # config file of every cell (a cell may name another: "config")
      "overrides": {"training.num_train_steps": 1200},      # applied to every cell
      "cells": {"linear": {"diffusion.schedule": "linear"}, "cosine": {...}}}
 
@@ -77,7 +77,7 @@ def load_grid(path: str) -> dict:
 def cell_config(grid: dict, name: str, extra: dict | None = None) -> ml_collections.ConfigDict:
     """The base config with the common, the cell's and the extra overrides applied (each field must exist)."""
     overrides = {**grid.get("overrides", {}), **grid["cells"][name], **(extra or {})}
-    config = load_config_file(overrides.pop("config", grid.get("base", "configs/default.py")))
+    config = load_config_file(overrides.pop("config", grid.get("base", "configs/ddpm.py")))
     for dotted, value in overrides.items():
         try:
             configuration.set_field(config, dotted, value)

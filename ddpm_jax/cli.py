@@ -3,7 +3,7 @@ which starts an entry point with the XLA flags set and prints a UserError withou
 
     def main(argv): ...            # may raise errors.UserError
     if __name__ == "__main__":
-        cli.run(main, config_default="configs/default.py")
+        cli.run(main, config_default="configs/ddpm.py")
 """
 
 from __future__ import annotations

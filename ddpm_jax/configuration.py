@@ -18,7 +18,7 @@ def load_config_file(spec: str) -> ml_collections.ConfigDict:
     path, _, arg = spec.partition(":")
     if not os.path.isfile(path):
         raise ConfigError(
-            f"--config={spec}: no such file {path!r}. Use a file in configs/ (default.py, mnist.py, "
+            f"--config={spec}: no such file {path!r}. Use a file in configs/ (vdm.py, ddpm.py, vae.py, hvae.py, mnist.py, "
             "cifar10.py), optionally with ':runlocal' for the tiny test config."
         )
     module_spec = importlib.util.spec_from_file_location("_ddpm_jax_config_check", path)

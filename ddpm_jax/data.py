@@ -93,7 +93,14 @@ def _prepare(builder: tfds.core.DatasetBuilder, download: bool) -> None:
     if builder.is_prepared():
         return
     if isinstance(builder, Digits):  # reads scikit-learn's copy: no network involved
-        builder.download_and_prepare()
+        try:
+            builder.download_and_prepare()
+        except FileExistsError:
+            # Two runs started together on a fresh data_dir: both generate, the first renames its complete copy
+            # into place and the second's rename fails. tfds renames whole folders, so what is there is complete.
+            if not builder.is_prepared():
+                raise
+            builder.info.read_from_directory(builder.data_dir)  # the winner's split metadata
         return
     where = f"data_dir={str(builder.data_path)!r}"
     advice = (

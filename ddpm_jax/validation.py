@@ -70,11 +70,11 @@ def validate_config(config: ml_collections.ConfigDict, num_devices: int | None =
     """Raises ConfigError for the first value that cannot work.
 
     Args:
-      config: a run's config (configs/default.py's layout).
+      config: a run's config (configs/ddpm.py's layout).
       num_devices: the global device count the batch is split over; default jax.device_count().
     """
     for section in ("data", "training", "optim", "sampling"):
-        require(section in config, section, "missing section; start from configs/default.py.")
+        require(section in config, section, "missing section; start from configs/ddpm.py.")
     d = config.data
     require(
         isinstance(d.dataset, str) and d.dataset != "",

@@ -15,7 +15,7 @@ import subprocess
 import sys
 import time
 
-from configs import default
+from configs import ddpm as ddpm_config
 from ddpm_jax import configuration
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -35,7 +35,7 @@ MICRO = {
 
 def micro_config(data_dir=None, **overrides):
     """runlocal with a one-level, attention-free UNet; overrides use dotted names."""
-    config = default.get_config("runlocal")
+    config = ddpm_config.get_config("runlocal")
     for k, v in {**MICRO, **overrides}.items():
         configuration.set_field(config, k, v)
     config.data.data_dir = data_dir
@@ -51,7 +51,7 @@ def _flag(value) -> str:
 def micro_flags(**overrides) -> list:
     """The command-line form of micro_config (the data_dir goes through TFDS_DATA_DIR)."""
     merged = {**MICRO, **overrides}
-    return ["--config=configs/default.py:runlocal"] + [f"--config.{k}={_flag(v)}" for k, v in merged.items()]
+    return ["--config=configs/ddpm.py:runlocal"] + [f"--config.{k}={_flag(v)}" for k, v in merged.items()]
 
 
 def env(base_dir: str, data_dir: str, devices: int = 2) -> dict:

@@ -25,7 +25,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
-from configs import default
+from configs import ddpm as ddpm_config
 from ddpm_jax import checkpoint, cli, methods, sample_lib, train_lib, workdir_lock
 from ddpm_jax.errors import CheckpointError, ConfigError, WorkdirLocked
 
@@ -70,7 +70,7 @@ def assert_clean_error(args: list, expected: list) -> str:
 
 
 def _runlocal(**fields):
-    config = default.get_config("runlocal")
+    config = ddpm_config.get_config("runlocal")
     for key, value in fields.items():
         section, name = key.split(".")
         config[section][name] = value
@@ -112,7 +112,7 @@ def dirs(tmp_path_factory):
     return out
 
 
-RUNLOCAL = "--config=configs/default.py:runlocal"
+RUNLOCAL = "--config=configs/ddpm.py:runlocal"
 
 # (id, argv after python, expected pieces of the error line); "{name}" is a path from `dirs`
 CASES = [

@@ -112,6 +112,22 @@ def test_failed_download_is_a_clear_runtime_error(tmp_path, monkeypatch):
     assert not list(tmp_path.glob("mnist/*/*.tfrecord*"))
 
 
+def test_digits_prepared_by_a_concurrent_run_is_used(tmp_path, monkeypatch, digits):
+    """Two runs on a fresh data_dir: the other process renames its copy into place first, so this one's final
+    rename raises FileExistsError (as tfds does); the copy that is there is used."""
+    from ddpm_jax.digits_builder import Digits
+
+    real_prepare = Digits.download_and_prepare
+
+    def other_process_wins(self, *args, **kwargs):
+        real_prepare(Digits(data_dir=str(tmp_path)))  # the other run's complete copy
+        raise FileExistsError(f"Cannot rename ... Destination {self.data_path} already exists.")
+
+    monkeypatch.setattr(Digits, "download_and_prepare", other_process_wins)
+    images = data.load_images("digits", "test", str(tmp_path), 0, 1)
+    np.testing.assert_array_equal(images, digits["test"])
+
+
 # ----------------------------------------------------------------------------- scaling
 
 

@@ -15,7 +15,7 @@ import optax
 import pytest
 from scipy.special import ndtr
 
-from configs import default
+from configs import ddpm as ddpm_config
 from ddpm_jax import diffusion, methods, schedules, validation
 from ddpm_jax.errors import ConfigError
 from ddpm_jax.methods import ddpm
@@ -126,7 +126,7 @@ def test_adam_on_the_scale_finds_the_mean_error():
 
 
 def _config(**diffusion_fields):
-    config = default.get_config("runlocal")
+    config = ddpm_config.get_config("runlocal")
     config.model.ch_mult = (1,)
     config.model.attn_resolutions = ()
     config.diffusion.num_timesteps = 4
@@ -236,7 +236,7 @@ def test_validation_rejects(field, value):
 
 
 def test_learned_schedule_advice():
-    config = default.get_config("runlocal")
+    config = ddpm_config.get_config("runlocal")
     config.diffusion.schedule, config.diffusion.loss_type = "learned", "vlb"
     advice = ddpm.DDPM.learned_schedule_advice(config)
     assert len(advice) == 3 and "decoder='learned'" in advice[0] and "prior_loss=True" in advice[1]

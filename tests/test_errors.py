@@ -244,22 +244,22 @@ def script_flags(script):
 # (argv, expected pieces of the `error: ...` line)
 COMMAND_LINE_CASES = [
     (
-        ["train.py", "--config=configs/default.py:runlocal", "--config.training.batch_sise=8"],
+        ["train.py", "--config=configs/ddpm.py:runlocal", "--config.training.batch_sise=8"],
         ["unknown config field config.training.batch_sise", "Did you mean config.training.batch_size?"],
     ),
     (
-        ["train.py", "--config=configs/default.py:runlocal", "--config.trainin.lr=1"],
+        ["train.py", "--config=configs/ddpm.py:runlocal", "--config.trainin.lr=1"],
         ["unknown config field config.trainin", "Did you mean config.training?"],
     ),
     (
-        ["train.py", "--config=configs/default.py:runlocal", "--config.training.batch_size=abc"],
+        ["train.py", "--config=configs/ddpm.py:runlocal", "--config.training.batch_size=abc"],
         ["--config.training.batch_size=abc", "holds a value of type int (default 8)"],
     ),
     (["train.py", "--config=configs/nope.py"], ["--config=configs/nope.py: no such file", "configs/"]),
     (
         [
             "train.py",
-            "--config=configs/default.py:runlocal",
+            "--config=configs/ddpm.py:runlocal",
             "--coordinator_address=localhost:1",
             "--num_processes=2",
             "--process_id=3",

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 from jax.flatten_util import ravel_pytree
 
-from configs import default
+from configs import ddpm as ddpm_config
 from ddpm_jax import diffusion, methods, schedules, validation
 from ddpm_jax.methods.ddpm import log_snr_condition
 from ddpm_jax.models import learned_schedule
@@ -101,7 +101,7 @@ def test_schedule_tables_keep_float64():
 
 
 def _method(**diffusion_fields):
-    config = default.get_config("runlocal")
+    config = ddpm_config.get_config("runlocal")
     config.model.ch_mult, config.model.attn_resolutions = (1,), ()
     config.diffusion.num_timesteps = 4
     for k, v in diffusion_fields.items():

@@ -15,7 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from configs import default
+from configs import ddpm as ddpm_config
 from configs import vae as vae_config
 from ddpm_jax import (
     ablation,
@@ -37,7 +37,7 @@ from ddpm_jax.run import load_run
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 GRID = """
 def get_grid():
-    return {"base": "configs/default.py:runlocal",
+    return {"base": "configs/ddpm.py:runlocal",
             "overrides": {"training.num_train_steps": 60, "training.eval_every": 30, "training.checkpoint_every": 30,
                           "optim.lr_schedule": "constant"},
             "cells": {"ddpm": {CELL}, "vae": {"config": "configs/vae.py:runlocal"}}}
@@ -114,7 +114,7 @@ def test_ablation_grid_writes_the_table_and_resumes_without_retraining(sweep, mo
     with pytest.raises(ConfigError, match="another config"):
         ablation.run_grid(other, out, num_samples=16)
     with pytest.raises(ConfigError, match="unknown config field"):
-        ablation.cell_config({"base": "configs/default.py:runlocal", "cells": {"x": {"model.chanels": 4}}}, "x")
+        ablation.cell_config({"base": "configs/ddpm.py:runlocal", "cells": {"x": {"model.chanels": 4}}}, "x")
 
 
 @pytest.mark.slow
@@ -141,7 +141,7 @@ def test_evaluate_scores_a_workdir_and_training_lowers_the_bound(sweep, steps_fo
 
 @pytest.mark.slow
 def test_learned_schedule_trains_through_the_bound_and_is_checkpointed(tmp_path, data_dir):
-    config = default.get_config("runlocal")
+    config = ddpm_config.get_config("runlocal")
     config.data.data_dir = data_dir
     config.diffusion.schedule = "learned"
     config.diffusion.loss_type = "vlb"
@@ -179,14 +179,14 @@ def test_monotone_gamma_is_increasing_for_any_weights():
 
 
 def test_sampler_choices_are_checked_with_the_fix():
-    config = default.get_config("runlocal")
+    config = ddpm_config.get_config("runlocal")
     cases = [
         (config, "respaced", None, 0.0, "--steps"),
         (config, "ddim", 10_000, 0.0, "--steps"),
         (config, "ddim", 5, 1.5, "--eta"),
         (config, "plms", 5, 0.0, "not available for method 'ddpm'; use one of ancestral, respaced, ddim"),
     ]
-    ve = default.get_config("runlocal")
+    ve = ddpm_config.get_config("runlocal")
     ve.diffusion.schedule = "ve"
     cases.append((ve, "ddim", 5, 0.0, "variance-preserving"))
     cases.append((vae_config.get_config("runlocal"), "ddim", 5, 0.0, "not available for method 'vae'"))

@@ -17,14 +17,14 @@ import optax
 import pytest
 from PIL import Image
 
-from configs import default
+from configs import ddpm as ddpm_config
 from ddpm_jax import checkpoint, data, loop, methods, plots, train_lib
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def tiny_config(data_dir, **training):
-    config = default.get_config("runlocal")
+    config = ddpm_config.get_config("runlocal")
     config.data.data_dir = data_dir
     config.training.final_bpd = False
     for k, v in training.items():
@@ -153,7 +153,7 @@ def test_train_and_sample_scripts_end_to_end(tmp_path, data_dir):
         [
             sys.executable,
             "train.py",
-            "--config=configs/default.py:runlocal",
+            "--config=configs/ddpm.py:runlocal",
             f"--workdir={workdir}",
             f"--config.data.data_dir={data_dir}",
             "--config.training.num_train_steps=2",
@@ -199,7 +199,7 @@ def test_train_and_sample_scripts_end_to_end(tmp_path, data_dir):
 def test_ema_decay_warms_up_and_lr_starts_above_zero():
     assert float(train_lib.ema_decay(0.998, 0)) == pytest.approx(0.1)
     assert float(train_lib.ema_decay(0.998, 10**6)) == pytest.approx(0.998)
-    config = default.get_config()
+    config = ddpm_config.get_config()
     lr = train_lib.learning_rate_schedule(config.optim, config.training.num_train_steps)
     assert float(lr(0)) == pytest.approx(config.optim.lr / config.optim.warmup_steps, rel=1e-4)
     assert float(lr(config.optim.warmup_steps - 1)) == pytest.approx(config.optim.lr, rel=1e-4)
@@ -219,7 +219,7 @@ def test_flat_optimizer_gives_the_same_updates():
     }
     results = []
     for flatten in (False, True):
-        config = default.get_config()
+        config = ddpm_config.get_config()
         config.optim.flatten = flatten
         tx = train_lib.make_optimizer(config)
         p, opt_state = params, tx.init(params)

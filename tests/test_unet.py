@@ -11,7 +11,7 @@ import ml_collections
 import numpy as np
 import pytest
 
-from configs import cifar10, default
+from configs import cifar10
 from ddpm_jax.models import UNet, create_model
 from ddpm_jax.models.layers import AttnBlock, group_norm
 
@@ -262,7 +262,7 @@ def test_group_norm_returns_compute_dtype_with_float32_statistics():
 
 
 def test_default_config_builds():
-    config = default.get_config()
+    config = ddpm_config.get_config()
     model = create_model(config.model, config.data.image_size, config.data.channels)
     assert _count(_abstract_params(model, (1, 8, 8, 1))) > 0
 

@@ -6,7 +6,7 @@ sessions: `python -m ddpm_jax.ablation --grid=configs/ablations/likelihood.py [-
 def get_grid():
     vlb = {"diffusion.loss_type": "vlb", "diffusion.timestep_sampler": "importance"}
     return {
-        "base": "configs/default.py",
+        "base": "configs/ddpm.py",
         "overrides": {"training.eval_every": 250},
         "cells": {
             "ladder_vae": {"config": "configs/vae.py"},

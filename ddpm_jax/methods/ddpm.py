@@ -101,7 +101,7 @@ class DDPM(Method):
     @classmethod
     def validate(cls, config: ml_collections.ConfigDict) -> None:
         for section in ("model", "diffusion"):
-            checks.require(section in config, section, "missing section; start from configs/default.py.")
+            checks.require(section in config, section, "missing section; start from configs/ddpm.py.")
         diff, m = config.diffusion, config.model
         checks.one_of(diff.schedule, schedules.SCHEDULE_NAMES + (learned_schedule.LEARNED,), "diffusion.schedule")
         checks.require(
