@@ -27,9 +27,9 @@ import numpy as np  # noqa: E402
 
 
 def get_config(name: str, batch: int | None = None, dtype: str | None = None):
-    from configs import cifar10, default
+    from configs import cifar10, ddpm
 
-    cfg = {"default": default, "cifar10": cifar10}[name].get_config()
+    cfg = {"default": ddpm, "cifar10": cifar10}[name].get_config()
     if batch is not None:
         cfg.training.batch_size = batch
     if dtype is not None:
