@@ -220,17 +220,28 @@ def fourier_features(z: jnp.ndarray, n_min: int = 3, n_max: int = 7) -> jnp.ndar
 
 
 def sample_loop(
-    gamma_fn: GammaFn, eps_fn: EpsFn, shape, rng: chex.PRNGKey, *, num_steps: int, clip_denoised: bool = False
+    gamma_fn: GammaFn,
+    eps_fn: EpsFn,
+    shape,
+    rng: chex.PRNGKey,
+    *,
+    num_steps: int,
+    clip_denoised: bool = False,
+    eta: float = 1.0,
+    num_frames: int = 0,
 ) -> dict:
-    """VDM's T-step ancestral sampler, z_1 ~ N(0, I) down to z_0, then decode.
+    """VDM's T-step sampler, z_1 ~ N(0, I) down to z_0, then decode: ancestral (eta = 1) or DDIM.
 
-    Step t = (i+1)/T -> s = i/T draws z_s from the posterior q(z_s | z_t, x = x_hat), with
-    x_hat = (z_t - sigma_t eps_hat) / alpha_t and c = 1 - SNR_t / SNR_s = -expm1(gamma_s - gamma_t):
+    Step t = (i+1)/T -> s = i/T, with x_hat = (z_t - sigma_t eps_hat) / alpha_t (clipped when
+    asked, eps_hat then recomputed from it) and c = 1 - SNR_t / SNR_s = -expm1(gamma_s - gamma_t):
 
-        mean = (alpha_s / alpha_t) (1 - c) z_t + alpha_s c x_hat,   var = sigma_s^2 c
+        z_s = alpha_s x_hat + sqrt(sigma_s^2 - v) eps_hat + sqrt(v) noise,   v = eta^2 sigma_s^2 c
 
-    (with x_hat unclipped the mean is VDM's (alpha_s / alpha_t)(z_t - c sigma_t eps_hat)). The
-    output is the decoder's argmax (its mode): the bin value v_k nearest z_0 / alpha_0.
+    (Song et al. 2021, eq. 12, in VDM's notation). With eta = 1 this is the posterior
+    q(z_s | z_t, x = x_hat): mean (alpha_s / alpha_t)(1 - c) z_t + alpha_s c x_hat, variance
+    sigma_s^2 c, since sigma_s sqrt(1 - c) = (alpha_s sigma_t / alpha_t)(1 - c). eta = 0 is the
+    deterministic DDIM. The output is the decoder's argmax (its mode): the bin value v_k nearest
+    z_0 / alpha_0.
 
     Args:
       gamma_fn, eps_fn: see the module docstring.
@@ -238,9 +249,12 @@ def sample_loop(
       rng: PRNG key; step i uses fold_in(rng, i), z_1 uses fold_in(rng, num_steps).
       num_steps: T (static).
       clip_denoised: clip x_hat to [-1, 1] at each step.
+      eta: in [0, 1]; the share of the posterior's noise each step adds (1: ancestral).
+      num_frames: if > 0, also return that many evenly spaced frames of z_s and x_hat.
 
     Returns:
-      {"samples": [shape] on the 256-level grid in [-1, 1]}.
+      {"samples": [shape] on the 256-level grid in [-1, 1]} and, with frames, "frames" and
+      "pred_x0" [num_frames, *shape] plus "frame_t" (the s of each frame), as sampling.py's samplers.
     """
     batch = shape[0]
     z = jax.random.normal(jax.random.fold_in(rng, num_steps), shape)
@@ -250,18 +264,26 @@ def sample_loop(
         s = jnp.full((batch,), i / num_steps)
         g_t, g_s = _bcast(gamma_fn(t), z), _bcast(gamma_fn(s), z)
         (alpha_t, sigma_t), (alpha_s, sigma_s) = alpha_sigma(g_t), alpha_sigma(g_s)
-        x_hat = (z - sigma_t * eps_fn(z, t)) / alpha_t
+        eps_hat = eps_fn(z, t)
+        x_hat = (z - sigma_t * eps_hat) / alpha_t
         if clip_denoised:
             x_hat = jnp.clip(x_hat, -1.0, 1.0)
-        c = -jnp.expm1(g_s - g_t)
-        mean = alpha_s / alpha_t * (1.0 - c) * z + alpha_s * c * x_hat
-        noise = jax.random.normal(jax.random.fold_in(rng, i), shape)
-        return mean + sigma_s * jnp.sqrt(c) * noise, None
+            eps_hat = (z - alpha_t * x_hat) / sigma_t
+        var = eta**2 * sigma_s**2 * -jnp.expm1(g_s - g_t)
+        z_s = alpha_s * x_hat + jnp.sqrt(jnp.maximum(sigma_s**2 - var, 0.0)) * eps_hat
+        if eta != 0:
+            z_s = z_s + jnp.sqrt(var) * jax.random.normal(jax.random.fold_in(rng, i), shape)
+        return z_s, ((z_s, x_hat) if num_frames else None)
 
-    z, _ = jax.lax.scan(step, z, jnp.arange(num_steps - 1, -1, -1))
+    steps = jnp.arange(num_steps - 1, -1, -1)
+    z, trajectory = jax.lax.scan(step, z, steps)
+    frames = {}
+    if num_frames:
+        idx = np.unique(np.linspace(0, num_steps - 1, num_frames).round().astype(int))
+        frames = {"frames": trajectory[0][idx], "pred_x0": trajectory[1][idx], "frame_t": steps[idx] / num_steps}
     alpha_0, _ = alpha_sigma(_bcast(gamma_fn(jnp.zeros((batch,))), z))
     k = jnp.clip(jnp.round((z / alpha_0 + 1.0) * 127.5), 0, NUM_BINS - 1)
-    return {"samples": k / 127.5 - 1.0}
+    return {"samples": k / 127.5 - 1.0, **frames}
 
 
 # --- a reference denoiser --------------------------------------------------------------------

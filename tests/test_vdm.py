@@ -326,10 +326,13 @@ def test_vdm_score_net_wrapper_feeds_features_and_scaled_t():
     assert all(np.all(np.isfinite(v)) for v in out.values())
 
 
-def test_sample_loop_gaussian_data_matches_exact_chain():
+@pytest.mark.parametrize("eta", [1.0, 0.5, 0.0])
+def test_sample_loop_gaussian_data_matches_exact_chain(eta):
     """For data N(m, s^2) the Bayes x_hat is linear in z_t, so each sampler step is
-    z_s = P z_t + Q + sigma_s sqrt(c) noise and z_0 / alpha_0 is Gaussian with moments from an
-    exact float64 recursion, for any number of steps (here a coarse 8, where errors show)."""
+    z_s = P z_t + Q + sqrt(v) noise and z_0 / alpha_0 is Gaussian with moments from an exact float64
+    recursion, for any number of steps (here a coarse 8, where errors show). eta = 1 is written as the
+    posterior q(z_s | z_t, x_hat) (mean and variance of Ho et al. eq. 7), eta < 1 as DDIM's
+    z_s = alpha_s x_hat + sqrt(sigma_s^2 - v) eps_hat + sqrt(v) noise, v = eta^2 sigma_s^2 c."""
     m, s, steps = 0.1, 0.2, 8
 
     def gamma_np(t):
@@ -340,26 +343,38 @@ def test_sample_loop_gaussian_data_matches_exact_chain():
         a, sig = jnp.sqrt(jax.nn.sigmoid(-g)), jnp.sqrt(jax.nn.sigmoid(g))
         return (z - a * (m + a * s**2 / (a**2 * s**2 + sig**2) * (z - a * m))) / sig
 
-    def moments(steps):
-        mu, var = 0.0, 1.0
+    def moments(steps, eta, start=(0.0, 1.0)):
+        mu, var = start
         for i in range(steps - 1, -1, -1):
             gt, gs = gamma_np((i + 1) / steps), gamma_np(i / steps)
             at, st = math.sqrt(np_sigmoid(-gt)), math.sqrt(np_sigmoid(gt))
             as_, ss = math.sqrt(np_sigmoid(-gs)), math.sqrt(np_sigmoid(gs))
             c = -math.expm1(gs - gt)
             k = at * s**2 / (at**2 * s**2 + st**2)  # x_hat = m + k (z - at m)
-            p, q = as_ / at * (1 - c) + as_ * c * k, as_ * c * (m - k * at * m)
-            mu, var = p * mu + q, p**2 * var + ss**2 * c
+            if eta == 1.0:  # the posterior's mean and variance
+                p, q, v = as_ / at * (1 - c) + as_ * c * k, as_ * c * (m - k * at * m), ss**2 * c
+            else:  # x_hat = k z + (m - k at m); eps_hat = (z - at x_hat) / st
+                v = eta**2 * ss**2 * c
+                w = math.sqrt(ss**2 - v)
+                p = as_ * k + w * (1 - at * k) / st
+                q = (as_ - w * at / st) * (m - k * at * m)
+            mu, var = p * mu + q, p**2 * var + v
         a0 = math.sqrt(np_sigmoid(-gamma_np(0.0)))
         return mu / a0, var / a0**2
 
-    mu, var = moments(steps)
-    mu_fine, var_fine = moments(2000)
+    mu, var = moments(steps, eta)
+    a1, s1 = math.sqrt(np_sigmoid(-G1)), math.sqrt(np_sigmoid(G1))
+    mu_fine, var_fine = moments(2000, eta, start=(a1 * m, a1**2 * s**2 + s1**2))  # z_1 from q, not N(0, I)
     assert abs(mu_fine - m) < 1e-3 and abs(var_fine / s**2 - 1) < 1e-2  # the chain converges to the data
     x = np.asarray(
-        vdm.sample_loop(linear_gamma, eps_fn, (512, 4, 4, 1), jax.random.PRNGKey(2), num_steps=steps)["samples"],
+        vdm.sample_loop(linear_gamma, eps_fn, (512, 4, 4, 1), jax.random.PRNGKey(2), num_steps=steps, eta=eta)[
+            "samples"
+        ],
         np.float64,
     ).ravel()
     n = x.size
     assert abs(x.mean() - mu) < 4 * math.sqrt(var / n)
     assert abs(x.var() / var - 1) < 4 * math.sqrt(2 / n)
+    if eta != 1.0:  # the coarse chain's moments differ between samplers by more than the test's resolution
+        mu_1, var_1 = moments(steps, 1.0)
+        assert abs(var_1 / var - 1) > 8 * math.sqrt(2 / n) or abs(mu_1 - mu) > 8 * math.sqrt(var / n)

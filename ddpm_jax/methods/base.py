@@ -131,6 +131,8 @@ class Method(abc.ABC):
                 f"--sampler={sampler!r} is not available for method {self.name!r}; use one of "
                 f"{', '.join(self.samplers)}."
             )
+        if not 0.0 <= eta <= 1.0:
+            raise ConfigError(f"--eta must lie in [0, 1] (0: deterministic DDIM, 1: DDPM-like), got {eta!r}.")
 
     def sampler_label(self, sampler: str, num_steps: int | None) -> str:
         """How tables name a sampler run: "respaced100", "ddim50", "ancestral"."""

@@ -368,8 +368,6 @@ class DDPM(Method):
                 "--sampler=ddim is written for variance-preserving schedules; this run uses 've': "
                 "use --sampler=respaced or ancestral."
             )
-        if not 0.0 <= eta <= 1.0:
-            raise ConfigError(f"--eta must lie in [0, 1] (0: deterministic DDIM, 1: DDPM-like), got {eta!r}.")
 
     def sample(self, params, rng, num, *, sampler, num_steps, eta, num_frames=0):
         shape = (num,) + self.image_shape

@@ -45,7 +45,8 @@ class VDMModel(nn.Module):
 
 class VDM(Method):
     name = "vdm"
-    samplers = ("ancestral",)  # the T-step discretised chain, T = --steps or config.vdm.sample_steps
+    # the T-step discretised chain (T = --steps or config.vdm.sample_steps): ancestral, or DDIM with --eta
+    samplers = ("ancestral", "ddim")
     frozen_fields = ("data.image_size", "data.channels", "model", "vdm")
 
     def __init__(self, config: ml_collections.ConfigDict):
@@ -159,6 +160,8 @@ class VDM(Method):
             rng,
             num_steps=num_steps or self.config.vdm.sample_steps,
             clip_denoised=self.config.sampling.clip_denoised,
+            eta=1.0 if sampler == "ancestral" else eta,
+            num_frames=num_frames,
         )
 
     def schedule(self, params):
