@@ -6,10 +6,10 @@ sessions: `python -m ddpm_jax.ablation --grid=configs/ablations/likelihood.py [-
 def get_grid():
     vlb = {"diffusion.loss_type": "vlb", "diffusion.timestep_sampler": "importance"}
     return {
-        "base": "configs/ddpm.py",
+        "base": "ddpm",
         "overrides": {"training.eval_every": 250},
         "cells": {
-            "ladder_vae": {"config": "configs/vae.py"},
+            "ladder_vae": {"config": "vae"},
             "ladder_hvae": {"config": "configs/hvae.py"},
             "ladder_ddpm": {},  # simple loss, fixed_small, linear: the paper's setting
             "ladder_iddpm": {
@@ -17,8 +17,16 @@ def get_grid():
                 "diffusion.variance": "learned_range",
                 "diffusion.loss_type": "hybrid",
             },
+            "ladder_ddpm_learned_decoder": {"diffusion.decoder": "learned"},  # L_0's scale fitted, not beta_1's
             "ladder_vlb_importance": vlb,
-            "ladder_learned_schedule": {**vlb, "diffusion.schedule": "learned"},
+            "ladder_learned_schedule": {**vlb, "diffusion.schedule": "learned"},  # with the fixed decoder
+            "ladder_learned_schedule_good_decoder": {  # the fixes together: the loss is the bound
+                **vlb,
+                "diffusion.schedule": "learned",
+                "diffusion.decoder": "learned",
+                "diffusion.prior_loss": True,
+                "diffusion.condition_on": "log_snr",
+            },
             "ladder_vdm": {"config": "configs/vdm.py"},
         },
     }
