@@ -107,11 +107,11 @@ def final_report(config, workdir: str, steps, rstate, test_images, eval_rng, wri
     if is_main:
         np.savez(os.path.join(workdir, "samples.npz"), samples=out["samples"])  # the arrays before any picture
         results["samples_png"] = plots.save_grid(out["samples"], os.path.join(workdir, "samples.png"))
+        writer.write_images(results["step"], {"samples/ema": plots.image_grid(out["samples"])})
         if "frames" in out:  # a method without a chain (the VAE) has none to show
             results["strip_png"] = plots.save_strip(out["frames"][:, :8], os.path.join(workdir, "denoising_strip.png"))
-        plots.plot_curves(
-            fileio.read_jsonl(writer.path), ["loss", "test_loss"], os.path.join(workdir, "loss.png"), "training loss"
-        )
+            writer.write_images(results["step"], {"samples/denoising_strip": plots.strip_image(out["frames"][:, :8])})
+        plots.plot_curves(writer.records(), ["loss", "test_loss"], os.path.join(workdir, "loss.png"), "training loss")
     if config.training.final_bpd:
         # The bound costs T network calls per image: one large batch wastes the least on padding.
         bpd_batch = config.training.bpd_batch_size or config.training.batch_size

@@ -137,6 +137,7 @@ def _train_and_evaluate(config, workdir: str, stop_at_step: int | None, steps, l
         rstate = train_lib.replicate(state)
         del state
         writer = MetricWriter(workdir, initial_step)
+        writer.write_hparams(config)  # a fresh start only
         eval_rng = jax.random.PRNGKey(config.seed + 1)
         tr = config.training
         num_steps = tr.num_train_steps
@@ -184,6 +185,7 @@ def _train_and_evaluate(config, workdir: str, stop_at_step: int | None, steps, l
                 )
                 if is_main:
                     plots.save_grid(grid["samples"], os.path.join(workdir, "samples", f"step_{step:07d}.png"))
+                    writer.write_images(step, {"samples/ema": plots.image_grid(grid["samples"])})
             if every(step, tr.checkpoint_every, num_steps):
                 checkpoint.save(mngr, train_lib.unreplicate(rstate))
             if stop_at_step is not None and step >= stop_at_step and not last:

@@ -38,11 +38,15 @@ def save_grid(images, path: str, ncol: int | None = None) -> str:
     return save_png(image_grid(images, ncol), path)
 
 
-def save_strip(frames, path: str) -> str:
-    """Denoising strip: frames [F, B, H, W, C] -> rows are examples, columns go x_T -> x_0."""
+def strip_image(frames) -> np.ndarray:
+    """Denoising strip: frames [F, B, H, W, C] -> uint8 mosaic, rows are examples, columns go x_T -> x_0."""
     frames = np.asarray(frames)
     f, b = frames.shape[:2]
-    return save_png(image_grid(frames.transpose(1, 0, 2, 3, 4).reshape((f * b,) + frames.shape[2:]), ncol=f), path)
+    return image_grid(frames.transpose(1, 0, 2, 3, 4).reshape((f * b,) + frames.shape[2:]), ncol=f)
+
+
+def save_strip(frames, path: str) -> str:
+    return save_png(strip_image(frames), path)
 
 
 def plot_curves(records: list[dict], keys, path: str, title: str = "") -> str | None:

@@ -1,0 +1,174 @@
+"""TensorBoard: sample grids as images, the config as one hparams session, scalars; read back with
+TensorBoard's own event reader."""
+
+import io
+import json
+import os
+
+import fault_utils as fu
+import numpy as np
+import pytest
+from PIL import Image
+from tensorboard.backend.event_processing import event_accumulator
+from tensorboard.plugins.hparams import metadata as hparams_metadata
+from tensorboard.util import tensor_util
+
+from configs import ddpm as ddpm_config
+from ddpm_jax import distributed, loop, plots
+from ddpm_jax.metric_writer import MetricWriter, hparams
+
+SESSION_TAG = hparams_metadata.SESSION_START_INFO_TAG
+
+
+def _events(workdir):
+    acc = event_accumulator.EventAccumulator(
+        os.path.join(workdir, "tensorboard"), size_guidance={event_accumulator.TENSORS: 0}
+    )
+    acc.Reload()
+    return acc
+
+
+def _images(acc, tag) -> dict:
+    """{step: decoded uint8 [H, W, C]} of an image tag, checked to be in TensorBoard's Images tab."""
+    assert acc.SummaryMetadata(tag).plugin_data.plugin_name == "images"
+    out = {}
+    for event in acc.Tensors(tag):
+        width, height, png = tensor_util.make_ndarray(event.tensor_proto)
+        pixels = np.asarray(Image.open(io.BytesIO(png)))
+        pixels = pixels[..., None] if pixels.ndim == 2 else pixels
+        assert pixels.shape[:2] == (int(height), int(width))
+        out[event.step] = pixels
+    return out
+
+
+def _session(acc) -> dict:
+    """The hparams session's values, checked to be the only session in the run."""
+    assert len(acc.Tensors(SESSION_TAG)) == 1
+    info = hparams_metadata.parse_session_start_info_plugin_data(acc.SummaryMetadata(SESSION_TAG).plugin_data.content)
+    return {k: getattr(v, v.WhichOneof("kind")) for k, v in info.hparams.items()}
+
+
+def _saved_png(path, like) -> np.ndarray:
+    """A picture saved by plots.save_png, at the size of `like` again (its nearest-neighbour scale undone)."""
+    pixels = np.asarray(Image.open(path))
+    pixels = pixels[..., None] if pixels.ndim == 2 else pixels
+    scale = pixels.shape[0] // like.shape[0]
+    return pixels[::scale, ::scale]
+
+
+def test_hparams_are_the_flattened_config():
+    config = ddpm_config.get_config("runlocal")
+    flat = hparams(config)
+    assert flat["model.ch"] == 8 and flat["optim.lr"] == 1e-3 and flat["method"] == "ddpm"
+    assert flat["model.ch_mult"] == "(1, 2)" and flat["data.data_dir"] == "None"
+    assert flat["optim.flatten"] is False
+    assert len(flat) == sum(len(section) if hasattr(section, "items") else 1 for section in config.values())
+
+
+def test_writer_round_trip_resume_and_fresh_start(tmp_path):
+    workdir = str(tmp_path)
+    config = ddpm_config.get_config("runlocal")
+    grid = np.random.default_rng(0).integers(0, 256, (19, 28, 1), dtype=np.uint8)
+    writer = MetricWriter(workdir)
+    writer.write_hparams(config)
+    for step in (1, 2, 4):
+        writer.write(step, {"loss": 1.0 / step})
+    writer.write_images(2, {"samples/ema": grid})
+    acc = _events(workdir)
+    images = _images(acc, "samples/ema")
+    assert list(images) == [2]
+    np.testing.assert_array_equal(images[2], grid)  # PNG is lossless: pixel for pixel
+    session = _session(acc)
+    assert session["model.ch"] == 8 and session["model.ch_mult"] == "(1, 2)" and session["method"] == "ddpm"
+    assert [float(tensor_util.make_ndarray(e.tensor_proto)) for e in acc.Tensors("loss")] == [1.0, 0.5, 0.25]
+
+    # A resume (from step 2) keeps the session its start wrote, even with a changed config.
+    resumed = ddpm_config.get_config("runlocal")
+    resumed.training.num_train_steps = 99
+    writer = MetricWriter(workdir, resume_step=2)
+    writer.write_hparams(resumed)
+    assert [r["step"] for r in writer.records()] == [1, 2]  # step 4 will be written again
+    assert _session(_events(workdir))["training.num_train_steps"] == config.training.num_train_steps
+
+    # A fresh start drops the earlier attempt's events: one run, one session, the new config.
+    writer = MetricWriter(workdir, resume_step=0)
+    writer.write_hparams(resumed)
+    acc = _events(workdir)
+    assert writer.records() == [] and "samples/ema" not in acc.Tags()["tensors"]
+    assert _session(acc)["training.num_train_steps"] == 99
+
+
+def test_grid_of_runs_in_the_hparams_tab(tmp_path):
+    """What TensorBoard's HParams tab builds from two cells of a grid: the ablated field first, each
+    scalar (the final bound among them) a metric."""
+    from tensorboard import context
+    from tensorboard.backend.event_processing import data_provider, plugin_event_multiplexer
+    from tensorboard.plugins import base_plugin
+    from tensorboard.plugins.hparams import backend_context
+
+    for schedule, bpd in (("linear", 5.2), ("cosine", 4.9)):
+        config = ddpm_config.get_config("runlocal")
+        config.diffusion.schedule = schedule
+        writer = MetricWriter(str(tmp_path / schedule))
+        writer.write_hparams(config)
+        writer.write(4, {"loss": 0.1, "test_total_bpd": bpd})
+    mux = plugin_event_multiplexer.EventMultiplexer()
+    mux.AddRunsFromDirectory(str(tmp_path))
+    mux.Reload()
+    provider = data_provider.MultiplexerDataProvider(mux, str(tmp_path))
+    tb = backend_context.Context(base_plugin.TBContext(logdir=str(tmp_path), multiplexer=mux, data_provider=provider))
+    request = context.RequestContext()
+    experiment = tb.experiment_from_metadata(
+        request, "", True, tb.hparams_metadata(request, ""), tb.hparams_from_data_provider(request, "", limit=None)
+    )
+    ablated = experiment.hparam_infos[0]
+    assert ablated.name == "diffusion.schedule" and ablated.differs
+    assert {v.string_value for v in ablated.domain_discrete.values} == {"linear", "cosine"}
+    assert len(experiment.hparam_infos) == len(hparams(config))
+    assert sorted(m.name.tag for m in experiment.metric_infos) == ["loss", "test_total_bpd"]
+
+
+def test_bad_image_names_the_expected_array(tmp_path):
+    writer = MetricWriter(str(tmp_path))
+    with pytest.raises(ValueError, match=r"expected uint8 \[H, W, C\].*float32 \(8, 8, 1\)"):
+        writer.write_images(1, {"samples/ema": np.zeros((8, 8, 1), np.float32)})
+
+
+def test_only_process_0_writes(tmp_path, monkeypatch):
+    monkeypatch.setattr(distributed, "is_main_process", lambda: False)
+    writer = MetricWriter(str(tmp_path))
+    writer.write_hparams(ddpm_config.get_config("runlocal"))
+    writer.write(1, {"loss": 1.0})
+    writer.write_images(1, {"samples/ema": np.zeros((8, 8, 1), np.uint8)})
+    assert os.listdir(tmp_path) == []
+
+
+@pytest.mark.slow
+def test_training_run_writes_grids_and_one_session(tmp_path, data_dir, steps_for):
+    """12 micro steps with a grid every 4, stopped at 6 and resumed: grids at 4 and 8, the final grid and
+    strip at 12, pixel for pixel the PNGs beside them, and one hparams session from the first start."""
+    workdir = str(tmp_path / "run")
+    config = fu.micro_config(data_dir, **{"training.sample_every": 4})
+    steps = steps_for(fu.micro_config(data_dir))  # sample_every is not compiled in: the shared steps serve
+    assert loop.train_and_evaluate(config, workdir, stop_at_step=6, steps=steps)["stopped_at"] == 6
+    loop.train_and_evaluate(config, workdir, steps=steps)
+
+    acc = _events(workdir)
+    grids = _images(acc, "samples/ema")
+    assert sorted(grids) == [4, 8, 12]
+    for step in (4, 8):
+        png = _saved_png(os.path.join(workdir, "samples", f"step_{step:07d}.png"), grids[step])
+        np.testing.assert_array_equal(png, grids[step])
+    final = plots.image_grid(np.load(os.path.join(workdir, "samples.npz"))["samples"])
+    assert final.shape == (3 * 9 + 1, 3 * 9 + 1, 1)  # 8 digits of 8x8 in a 3x3 grid, 1-pixel gaps
+    np.testing.assert_array_equal(grids[12], final)
+    strips = _images(acc, "samples/denoising_strip")
+    assert list(strips) == [12]
+    np.testing.assert_array_equal(_saved_png(os.path.join(workdir, "denoising_strip.png"), strips[12]), strips[12])
+
+    session = _session(acc)
+    assert session["training.sample_every"] == 4 and session["model.ch_mult"] == "(1,)"
+    assert session["training.num_train_steps"] == 12 and session["data.data_dir"] == data_dir
+    records = [json.loads(line) for line in open(os.path.join(workdir, "metrics.jsonl"))]
+    assert [r["step"] for r in records if "loss" in r] == [2, 4, 6, 8, 10, 12]  # the resume rewrote nothing twice
+    assert {e.step for e in acc.Tensors("test_loss")} == {12}
