@@ -106,6 +106,11 @@ class Method(abc.ABC):
     def bound_description(self, num_strata: int) -> str:
         return "exact"
 
+    def probability_flow(self, params: Params):
+        """(gamma_fn, eps_fn) on t in [0, 1] for `ddpm_jax.likelihood`'s probability-flow ODE, or None
+        where the method has no such flow (a VAE; a DDPM whose network does not predict eps alone)."""
+        return None
+
     # ------------------------------------------------------------------ sampling
     @abc.abstractmethod
     def sample(

@@ -21,7 +21,7 @@ import ml_collections
 import numpy as np
 from absl import logging
 
-from ddpm_jax import checks, diffusion, sampling, schedules, timesteps
+from ddpm_jax import checks, diffusion, likelihood, sampling, schedules, timesteps
 from ddpm_jax.errors import ConfigError
 from ddpm_jax.methods.base import Method, example_noise
 from ddpm_jax.models import learned_schedule
@@ -274,6 +274,15 @@ class DDPM(Method):
 
     def model_fn(self, params):
         return self._model_fn(params)
+
+    def probability_flow(self, params):
+        """The discrete VP chain as a continuous flow (likelihood.continuous_from_schedule): eps-predicting
+        networks with a fixed variance only (a learned variance's extra channels are not part of the flow)."""
+        if self.parameterization != "eps" or self.variance not in ("fixed_small", "fixed_large"):
+            return None
+        if self.config.diffusion.schedule == "ve":
+            return None
+        return likelihood.continuous_from_schedule(self.schedule(params), self.model_fn(params))
 
     # ------------------------------------------------------------------ training
     def draw_training_inputs(self, keys, x, loss_history, *, position=None):

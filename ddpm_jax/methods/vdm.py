@@ -99,6 +99,9 @@ class VDM(Method):
     def describe(self):
         return {"parameterization": "eps", "variance": "continuous time (VDM)"}
 
+    def probability_flow(self, params):
+        return self.gamma_fn(params), self.model_fn(params)
+
     def _terms(self, params, x, t, eps, eps_0, eps_fn):
         gamma_fn = self.gamma_fn(params)
         ones = jnp.ones((x.shape[0],))
