@@ -13,13 +13,18 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.method = "ddpm"  # or "vae": the baseline of configs/vae.py
 
     config.data = ml_collections.ConfigDict()
-    config.data.dataset = "digits"  # any tfds name; "digits" is the offline sklearn set
+    # Any tfds image dataset ("digits" is the offline sklearn set) or "folder:/path/to/images" (PNG/JPEG);
+    # images are centre-cropped and resized to image_size (ddpm_jax/data_sources.py).
+    config.data.dataset = "digits"
     config.data.data_dir = ml_collections.config_dict.placeholder(str)  # tfds data_dir; None = tfds default
     config.data.image_size = 8
     config.data.channels = 1
     config.data.random_flip = False  # digits are not mirror-symmetric
     config.data.train_split = "train"
     config.data.eval_split = "test"
+    # False: stream the splits from disk by index (folders; tfds datasets prepared as ArrayRecord), with the
+    # same (seed, step)-determined batches and exact resume as in memory.
+    config.data.in_memory = True
 
     config.model = ml_collections.ConfigDict()
     config.model.ch = 32

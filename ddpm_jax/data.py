@@ -1,15 +1,25 @@
-"""Input pipeline: tfds datasets in memory, a resumable tf.data training stream, eval batches.
+"""Input pipeline: tfds datasets and image folders, in memory or streamed; a resumable tf.data training
+stream; eval batches.
 
-Every dataset goes through tfds: real names (mnist, cifar10, celeb_a) where they are prepared
-or can be downloaded, and "digits", scikit-learn's 8x8 digits wrapped as a local tfds builder
-(`ddpm_jax.digits_builder`, registered by importing this module), which needs no network.
+A dataset is a tfds name (mnist, cifar10, celeb_a, ...: prepared in data_dir or downloadable), "digits"
+(scikit-learn's 8x8 digits wrapped as a local tfds builder, `ddpm_jax.digits_builder`, registered by
+importing this module; it needs no network), or "folder:/path/to/images", a folder of PNG/JPEG files
+(`ddpm_jax.data_sources` says how its splits are chosen). Images of another size are centre-cropped and
+resized to image_size x image_size (`data_sources.fit_image`); images of the right size pass unchanged.
 
-  images = load_images(config.data.dataset, config.data.train_split, config.data.data_dir)
+  images = load_images(config.data.dataset, config.data.train_split, config.data.data_dir,
+                       image_size=config.data.image_size, channels=config.data.channels,
+                       in_memory=config.data.in_memory)
   for batch in train_batches(images, config.training.batch_size, config.seed, start_step=step):
       ...  # batch: float32 [local_devices, per_device_batch, H, W, C] in [-1, 1]
 
-The training order is a pure function of (seed, step), so a restored run continues with exactly
-the batches an uninterrupted run would have seen (see `train_batches`).
+In memory (the default), a split is read, fitted and held as uint8 [N, H, W, C] (50,000 CIFAR-10 images:
+150 MB). With in_memory=False, load_images returns a `data_sources.StreamedSplit` that reads each batch's
+images from disk by index: tfds datasets prepared as ArrayRecord (`tfds build NAME
+--file_format=array_record`) and folders. Either way the training order is a pure function of
+(seed, step), the same for both (so streaming gives the same batches as in memory), and a restored run
+continues with exactly the batches an uninterrupted run would have seen (see `train_batches`). Each
+process reads only its own shard (tfds.even_splits; contiguous runs of a folder's sorted files).
 
 TF and GPUs: the entry point (train.py) should call `hide_gpus_from_tf()` (that is
 `tf.config.set_visible_devices([], 'GPU')`) before anything else touches TF, so that tf.data
@@ -25,13 +35,15 @@ import numpy as np
 import tensorflow as tf
 import tensorflow_datasets as tfds
 
-from ddpm_jax import pixels
+from ddpm_jax import data_sources, pixels
+from ddpm_jax.data_sources import StreamedSplit
 from ddpm_jax.digits_builder import Digits  # registers the tfds name "digits"
 from ddpm_jax.errors import DataError
 from ddpm_jax.pixels import unscale_images  # noqa: F401 - re-exported beside scale_images
 
-# A few names that work with this pipeline (any tfds image dataset with an "image" feature does).
-EXAMPLE_DATASETS = ("digits", "mnist", "fashion_mnist", "cifar10", "celeb_a")
+# A few names that work with this pipeline (any tfds image dataset with a uint8 "image" feature does;
+# celeb_a's 218x178 faces are centre-cropped and resized to config.data.image_size), and a folder.
+EXAMPLE_DATASETS = ("digits", "mnist", "fashion_mnist", "cifar10", "celeb_a", "folder:/path/to/images")
 # tf.random.experimental.index_shuffle pads its [2] seed with this word in front before calling
 # the raw op; we call the raw op with one seed per element and the same padding (same results).
 _INDEX_SHUFFLE_SEED_PAD = 498247692
@@ -68,8 +80,8 @@ def _builder(dataset: str, data_dir: str | None) -> tfds.core.DatasetBuilder:
     except tfds.core.registered.DatasetNotFoundError:
         raise ValueError(
             f"Unknown dataset {dataset!r}: not a tfds builder name. Known names include "
-            f"{', '.join(repr(n) for n in EXAMPLE_DATASETS)}; 'digits' is the offline one "
-            "(scikit-learn's 8x8 digits)."
+            f"{', '.join(repr(n) for n in EXAMPLE_DATASETS[:-1])}; 'digits' is the offline one "
+            f"(scikit-learn's 8x8 digits). For a folder of PNG/JPEG images use {EXAMPLE_DATASETS[-1]!r}."
         ) from None
 
 
@@ -137,43 +149,86 @@ def load_images(
     process_count: int | None = None,
     *,
     download: bool = True,
-) -> np.ndarray:
-    """Reads this process's shard of a tfds split fully into memory.
+    image_size: int | None = None,
+    channels: int | None = None,
+    in_memory: bool = True,
+) -> np.ndarray | StreamedSplit:
+    """This process's shard of a split: read fully into memory, or (in_memory=False) streamed from disk.
 
-    "digits" prepares itself into data_dir on first use. Other datasets are downloaded and
+    "digits" prepares itself into data_dir on first use. Other tfds datasets are downloaded and
     prepared there if they are missing (download=True); where that fails (no network) the
     error says how to prepare them elsewhere.
 
     Args:
-      dataset: tfds name, e.g. "digits", "mnist", "cifar10", "celeb_a/align".
-      split: tfds split string, e.g. "train", "test", "train[:90%]".
-      data_dir: tfds data_dir; None for tfds's default (~/tensorflow_datasets).
+      dataset: tfds name, e.g. "digits", "mnist", "cifar10", "celeb_a", or "folder:/path/to/images".
+      split: tfds split string, e.g. "train", "test", "train[:90%]"; for a folder "train", "test" or
+        a subfolder's name (data_sources).
+      data_dir: tfds data_dir; None for tfds's default (~/tensorflow_datasets). Unused for folders.
       process_index: this process's shard; default jax.process_index().
       process_count: number of shards (tfds.even_splits); default jax.process_count().
       download: whether to try downloading a dataset that is not prepared yet.
+      image_size: fit every image to image_size x image_size (data_sources.fit_image; images of that
+        size pass unchanged). None keeps the stored size (tfds only, all images of one size).
+        Required for folders and streaming.
+      channels: 1 or 3. A tfds dataset must store that many (DataError otherwise); a folder's files are
+        converted to it. None keeps the stored channels (tfds only).
+      in_memory: False returns a StreamedSplit that reads images by index as batches need them (tfds
+        datasets prepared as ArrayRecord, and folders).
 
     Returns:
-      uint8 [N, H, W, C]: the split's "image" feature, in the stored order.
+      uint8 [N, H, W, C] in the stored (folders: sorted) order, or a StreamedSplit of that shape.
 
     Raises:
       ValueError: unknown dataset name, unknown split, or no "image" feature.
       RuntimeError: the dataset is not prepared and cannot be downloaded here.
+      errors.DataError (a RuntimeError): a channel count that does not match the config, a missing or
+        empty folder, an unreadable image file (named), a tfds dataset that cannot stream.
     """
     process_index = jax.process_index() if process_index is None else process_index
     process_count = jax.process_count() if process_count is None else process_count
     if not 0 <= process_index < process_count:
         raise ValueError(f"process_index={process_index} not in [0, {process_count}).")
+    folder = data_sources.folder_path(dataset)
+    if folder is not None:
+        if image_size is None or channels is None:
+            raise ValueError(f"Dataset {dataset!r}: a folder needs image_size and channels (config.data).")
+        files = [
+            str(f) for f in np.array_split(data_sources.folder_split_files(folder, split), process_count)[process_index]
+        ]
+        if in_memory:
+            return data_sources.read_folder(files, channels, image_size)
+        return data_sources.streamed_folder(files, channels, image_size)
     check_data_dir(data_dir)
     builder = _builder(dataset, data_dir)
     _check_split(builder, split)  # cheap, before any download, where the metadata is known
     _prepare(builder, download)
     _check_split(builder, split)
-    if "image" not in builder.info.features.keys():
-        raise ValueError(f"Dataset {dataset!r} has no 'image' feature: {builder.info.features}")
+    feature = builder.info.features["image"] if "image" in builder.info.features.keys() else None
+    if not isinstance(feature, tfds.features.Image) or feature.np_dtype != np.uint8:
+        raise ValueError(f"Dataset {dataset!r} has no uint8 'image' feature: {builder.info.features}")
+    height, width, stored_channels = feature.shape
+    if channels is not None and stored_channels not in (None, channels):
+        raise DataError(
+            f"Dataset {dataset!r} has {stored_channels}-channel images but config.data.channels={channels}: "
+            f"set config.data.channels={stored_channels}."
+        )
     if process_count > 1:
         split = tfds.even_splits(split, process_count)[process_index]
-    ds = builder.as_dataset(split=split, batch_size=-1, shuffle_files=False)
-    return np.asarray(tfds.as_numpy(ds)["image"], np.uint8)
+    if not in_memory or builder.info.file_format == tfds.core.FileFormat.ARRAY_RECORD:  # by index
+        if image_size is None and (height is None or height != width):
+            raise ValueError(f"Dataset {dataset!r}: streaming, or reading ArrayRecord, needs image_size.")
+        streamed = data_sources.streamed_tfds(builder, split, channels or stored_channels, image_size or height)
+        return streamed if not in_memory else streamed[:]
+    if image_size is None or height == width == image_size:  # as stored, in one batch
+        ds = builder.as_dataset(split=split, batch_size=-1, shuffle_files=False)
+        return np.asarray(tfds.as_numpy(ds)["image"], np.uint8)
+    # Fitted once, here, so that training reads ready images.
+    ds = builder.as_dataset(split=split, shuffle_files=False)
+    ds = ds.map(lambda ex: data_sources.fit_image(ex["image"], image_size), num_parallel_calls=tf.data.AUTOTUNE)
+    batches = [b.numpy() for b in ds.batch(1024)]
+    if not batches:
+        return np.zeros((0, image_size, image_size, stored_channels), np.uint8)
+    return np.concatenate(batches)
 
 
 # ----------------------------------------------------------------------------- batching
@@ -209,32 +264,48 @@ def _epoch_permutation(position, seed, epoch, num_examples: int):
     )
 
 
+def _step_indices(step, batch_size: int, seed, num_examples: int):
+    """The image indices of a step's batch: int64 [batch_size] (see train_batches)."""
+    g = step * batch_size + tf.range(batch_size, dtype=tf.int64)  # global example numbers
+    return _epoch_permutation(g % num_examples, seed, g // num_examples, num_examples)
+
+
+def _flip(batch, seed, step, batch_size: int):
+    """Flips each image of a step's uint8 [B, H, W, C] batch left-right with probability 1/2; philox keyed
+    by (seed, step), so fixed per (seed, example number) for a given batch size."""
+    width = batch.shape[2]
+    coin = tf.random.stateless_uniform([batch_size], tf.stack([seed, step]), alg="philox")
+    cols = tf.range(width)[None]  # [1, W]; a column gather is 3x faster than tf.where
+    cols = tf.where((coin < 0.5)[:, None], width - 1 - cols, cols)  # [B, W]
+    return tf.gather(batch, cols, axis=2, batch_dims=1)
+
+
 def _train_dataset(
-    images: np.ndarray, batch_size: int, seed: int, start_step: int, random_flip: bool
+    images: np.ndarray | StreamedSplit, batch_size: int, seed: int, start_step: int, random_flip: bool
 ) -> tf.data.Dataset:
     """tf.data stream of uint8 [batch_size, H, W, C] batches, element k being step start_step+k."""
     num_examples = len(images)
-    images_t = tf.convert_to_tensor(images)  # captured by reference, not embedded in the graph
     seed_t = tf.constant(seed, tf.int64)
-    width = images.shape[2]
+    steps = tf.data.Dataset.counter(start=start_step, dtype=tf.int64)
+    if isinstance(images, StreamedSplit):  # read from disk, a step's images in parallel
+        index = steps.map(lambda step: _step_indices(step, batch_size, seed_t, num_examples))
+        ds = tf.data.Dataset.zip(steps, images.images(index, batch_size))
+        if random_flip:
+            return ds.map(
+                lambda step, batch: _flip(batch, seed_t, step, batch_size), num_parallel_calls=tf.data.AUTOTUNE
+            )
+        return ds.map(lambda step, batch: batch)
+    images_t = tf.convert_to_tensor(images)  # captured by reference, not embedded in the graph
 
     def batch_for_step(step):
-        g = step * batch_size + tf.range(batch_size, dtype=tf.int64)  # global example numbers
-        index = _epoch_permutation(g % num_examples, seed_t, g // num_examples, num_examples)
-        batch = tf.gather(images_t, index)  # [B, H, W, C] uint8
-        if random_flip:  # left-right, per example; philox keyed by (seed, step): fixed per g
-            coin = tf.random.stateless_uniform([batch_size], tf.stack([seed_t, step]), alg="philox")
-            cols = tf.range(width)[None]  # [1, W]; a column gather is 3x faster than tf.where
-            cols = tf.where((coin < 0.5)[:, None], width - 1 - cols, cols)  # [B, W]
-            batch = tf.gather(batch, cols, axis=2, batch_dims=1)
-        return batch
+        batch = tf.gather(images_t, _step_indices(step, batch_size, seed_t, num_examples))  # [B, H, W, C] uint8
+        return _flip(batch, seed_t, step, batch_size) if random_flip else batch
 
-    ds = tf.data.Dataset.counter(start=start_step, dtype=tf.int64)
-    return ds.map(batch_for_step, num_parallel_calls=tf.data.AUTOTUNE)
+    return steps.map(batch_for_step, num_parallel_calls=tf.data.AUTOTUNE)
 
 
 def train_batches(
-    images: np.ndarray,
+    images: np.ndarray | StreamedSplit,
     global_batch_size: int,
     seed: int,
     start_step: int = 0,
@@ -254,7 +325,8 @@ def train_batches(
     per (seed, g) for a given batch size.
 
     Args:
-      images: uint8 [N, H, W, C], e.g. from load_images (this process's shard).
+      images: uint8 [N, H, W, C], e.g. from load_images (this process's shard), or a StreamedSplit
+        (load_images with in_memory=False): the same batches, read from disk as they are needed.
       global_batch_size: batch over all devices of all processes (config.training.batch_size).
       seed: the data seed (config.seed).
       start_step: first step to yield (the restored train step).
@@ -277,11 +349,26 @@ def train_batches(
     ds = _train_dataset(images, per_device * num_local_devices, seed, start_step, random_flip)
     ds = ds.map(lambda b: tf.reshape(scale_images(b), shape), num_parallel_calls=tf.data.AUTOTUNE)
     ds = ds.prefetch(tf.data.AUTOTUNE)
-    return (batch._numpy() for batch in ds)  # zero-copy views of the tf tensors
+    if not isinstance(images, StreamedSplit):
+        return (batch._numpy() for batch in ds)  # zero-copy views of the tf tensors
+    return _named_errors(ds, images, per_device * num_local_devices, seed, start_step)
+
+
+def _named_errors(ds: tf.data.Dataset, images: StreamedSplit, batch_size: int, seed: int, step: int):
+    """Yields ds's batches as NumPy; a file that cannot be read fails with a DataError naming it."""
+    it = iter(ds)
+    while True:
+        try:
+            batch = next(it)
+        except (tf.errors.InvalidArgumentError, tf.errors.NotFoundError) as e:
+            index = _step_indices(tf.constant(step, tf.int64), batch_size, tf.constant(seed, tf.int64), len(images))
+            raise images.read_error(index.numpy(), e) from None
+        yield batch._numpy()
+        step += 1
 
 
 def eval_batches(
-    images: np.ndarray,
+    images: np.ndarray | StreamedSplit,
     batch_size: int,
     num_local_devices: int | None = None,
     process_count: int | None = None,
@@ -290,7 +377,7 @@ def eval_batches(
     """The whole split once, in order, padded to full batches, shaped like train_batches.
 
     Args:
-      images: uint8 [N, H, W, C] (this process's shard).
+      images: uint8 [N, H, W, C] (this process's shard), or a StreamedSplit (read in order as it goes).
       batch_size: global batch over all devices of all processes, as in train_batches.
       num_local_devices: default jax.local_device_count().
       process_count: default jax.process_count().
@@ -313,9 +400,18 @@ def eval_batches(
     if num_batches is None:
         num_batches = math.ceil(len(images) / local_batch)
 
+    def chunks():  # this process's images, local_batch at a time; empty past the end
+        if isinstance(images, StreamedSplit):
+            stop = min(len(images), num_batches * local_batch)
+            index = tf.data.Dataset.range(stop).batch(local_batch)
+            yield from (b.numpy() for b in images.images(index, local_batch).prefetch(2))
+        else:
+            yield from (images[k * local_batch : (k + 1) * local_batch] for k in range(num_batches))
+        while True:
+            yield images[:0]
+
     def batches():
-        for k in range(num_batches):
-            chunk = images[k * local_batch : (k + 1) * local_batch]  # [<=b, H, W, C]
+        for _, chunk in zip(range(num_batches), chunks()):  # chunk: [<=b, H, W, C]
             padded = np.zeros((local_batch, *images.shape[1:]), np.uint8)
             padded[: len(chunk)] = chunk
             mask = np.arange(local_batch) < len(chunk)

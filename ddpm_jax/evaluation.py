@@ -18,12 +18,20 @@ from ddpm_jax import distributed, fileio, plots, train_lib
 from ddpm_jax.errors import DataError
 
 
-def load_split(config, split: str) -> np.ndarray:
-    """This process's shard of a split, uint8 [N, H, W, C], checked against the config's image shape."""
+def load_split(config, split: str):
+    """This process's shard of a split, uint8 [N, H, W, C] fitted to the config's image size (or a
+    data.StreamedSplit of that shape with config.data.in_memory=False), checked against the config."""
     from ddpm_jax import data  # TensorFlow: only where a split is read
 
     try:
-        images = data.load_images(config.data.dataset, split, config.data.data_dir)
+        images = data.load_images(
+            config.data.dataset,
+            split,
+            config.data.data_dir,
+            image_size=config.data.image_size,
+            channels=config.data.channels,
+            in_memory=config.data.get("in_memory", True),
+        )
     except RuntimeError as e:  # not prepared and cannot be downloaded here
         raise DataError(str(e)) from e
     want = (config.data.image_size, config.data.image_size, config.data.channels)

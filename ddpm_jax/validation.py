@@ -77,12 +77,18 @@ def validate_config(config: ml_collections.ConfigDict, num_devices: int | None =
         require(section in config, section, "missing section; start from configs/ddpm.py.")
     d = config.data
     require(
-        isinstance(d.dataset, str) and d.dataset != "",
+        isinstance(d.dataset, str) and d.dataset not in ("", "folder:"),
         "data.dataset",
-        f"must be a tfds name such as 'digits' or 'cifar10', got {d.dataset!r}.",
+        f"must be a tfds name such as 'digits' or 'cifar10', or 'folder:/path/to/images', got {d.dataset!r}.",
     )
     positive_int(d, "image_size", "data")
     require(d.channels in (1, 3), "data.channels", f"must be 1 or 3, got {d.channels!r}.")
+    in_memory = d.get("in_memory", True)
+    require(
+        isinstance(in_memory, bool),
+        "data.in_memory",
+        f"must be True (read the splits into memory) or False (stream them from disk), got {in_memory!r}.",
+    )
     method = methods.method_class(config)
     _check_training(config.training, num_devices)
     _check_optim(config.optim)
