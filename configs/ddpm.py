@@ -6,6 +6,8 @@ Override any field from the command line, e.g. `python train.py --config.optim.l
 
 import ml_collections
 
+VARIANTS = ("runlocal",)  # the args get_config accepts (--config=ddpm:runlocal)
+
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config = ml_collections.ConfigDict()

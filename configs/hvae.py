@@ -8,7 +8,9 @@ Same data, loop, optimiser, EMA and discretized decoder as configs/ddpm.py and c
 
 import ml_collections
 
-from configs import ddpm as ddpm_config
+from . import ddpm as ddpm_config
+
+VARIANTS = ("runlocal",)  # the args get_config accepts (--config=hvae:runlocal)
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:

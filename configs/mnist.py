@@ -1,6 +1,8 @@
 """MNIST 28x28 (needs the tfds mnist download, so a machine with a network or a prepared data_dir)."""
 
-from configs import ddpm as ddpm_config
+from . import ddpm as ddpm_config
+
+VARIANTS = ("runlocal",)  # the args get_config accepts (--config=mnist:runlocal)
 
 
 def get_config(arg: str | None = None):

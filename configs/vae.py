@@ -6,7 +6,9 @@ bits/dim (the negative ELBO) sits beside the DDPM's bound: `python train.py --co
 
 import ml_collections
 
-from configs import ddpm as ddpm_config
+from . import ddpm as ddpm_config
+
+VARIANTS = ("runlocal",)  # the args get_config accepts (--config=vae:runlocal)
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:

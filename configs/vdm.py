@@ -4,7 +4,9 @@ VDM's 256-bin decoder and exact prior. `python train.py --config=configs/vdm.py`
 
 import ml_collections
 
-from configs import ddpm as ddpm_config
+from . import ddpm as ddpm_config
+
+VARIANTS = ("runlocal",)  # the args get_config accepts (--config=vdm:runlocal)
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:

@@ -1,9 +1,10 @@
 """Ablation runner: a grid of override sets -> one workdir per cell -> one results table and plots.
 
-    python -m ddpm_jax.ablation --grid=configs/ablations/schedules.py [--out=runs/ablations] [--set=field=value]
+    ddpm-ablate --grid=schedules [--out=runs/ablations] [--set=field=value]
+    (or python -m ddpm_jax.ablation --grid=configs/ablations/schedules.py: a grid by name or by path)
 
 A grid file defines `get_grid()` returning
-    {"base": "configs/ddpm.py",            # config file of every cell (a cell may name another: "config")
+    {"base": "ddpm",                       # config of every cell, a name or a file (a cell may name another: "config")
      "overrides": {"training.num_train_steps": 1200},      # applied to every cell
      "cells": {"linear": {"diffusion.schedule": "linear"}, "cosine": {...}}}
 
@@ -19,7 +20,6 @@ the independent-pixel histogram baseline, and <out>/<grid>/{bpd,loss}_vs_step.pn
 from __future__ import annotations
 
 import csv
-import importlib.util
 import json
 import os
 import time
@@ -53,14 +53,11 @@ COLUMNS = (
 
 
 def load_grid(path: str) -> dict:
-    """The grid file's dict, checked: a base config, common overrides and at least one cell."""
-    if not os.path.isfile(path):
-        raise ConfigError(f"--grid={path}: no such file; the grids live in configs/ablations/.")
-    spec = importlib.util.spec_from_file_location("_ddpm_jax_grid", path)
-    module = importlib.util.module_from_spec(spec)
+    """The grid file's dict (a shipped grid by name, e.g. `schedules`, or a path), checked: a base config,
+    common overrides and at least one cell."""
+    path = configuration.resolve(path, flag="--grid", subfolder="ablations")
     try:
-        spec.loader.exec_module(module)
-        grid = module.get_grid()
+        grid = configuration.import_file(path).get_grid()
     except Exception as e:  # noqa: BLE001 - the user's grid file
         raise ConfigError(f"--grid={path}: loading it failed ({type(e).__name__}: {e}).") from e
     if not isinstance(grid, dict) or not isinstance(grid.get("cells"), dict) or not grid["cells"]:
@@ -77,7 +74,7 @@ def load_grid(path: str) -> dict:
 def cell_config(grid: dict, name: str, extra: dict | None = None) -> ml_collections.ConfigDict:
     """The base config with the common, the cell's and the extra overrides applied (each field must exist)."""
     overrides = {**grid.get("overrides", {}), **grid["cells"][name], **(extra or {})}
-    config = load_config_file(overrides.pop("config", grid.get("base", "configs/ddpm.py")))
+    config = load_config_file(overrides.pop("config", grid.get("base", "ddpm")))
     for dotted, value in overrides.items():
         try:
             configuration.set_field(config, dotted, value)
@@ -295,7 +292,9 @@ def parse_set(items: list[str]) -> dict:
 
 def cli_main() -> None:
     """The command line (flags are defined here, not at import, so the library imports cleanly)."""
-    _GRID = flags.DEFINE_string("grid", None, "A grid file (configs/ablations/*.py).")
+    _GRID = flags.DEFINE_string(
+        "grid", None, "A grid: a name of configs/ablations/ (e.g. schedules) or a path to a grid file."
+    )
     _OUT = flags.DEFINE_string(
         "out",
         "runs/ablations",
@@ -313,7 +312,9 @@ def cli_main() -> None:
 
     def main(argv):
         if not _GRID.value:
-            raise ConfigError("--grid is required, e.g. --grid=configs/ablations/schedules.py")
+            raise ConfigError(
+                f"--grid is required, e.g. --grid=schedules; the grids: {', '.join(configuration.names('ablations'))}."
+            )
         from ddpm_jax import data
 
         data.hide_gpus_from_tf()  # tf.data stays on the CPU, the accelerators' memory to JAX

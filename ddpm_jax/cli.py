@@ -3,7 +3,10 @@ which starts an entry point with the XLA flags set and prints a UserError withou
 
     def main(argv): ...            # may raise errors.UserError
     if __name__ == "__main__":
-        cli.run(main, config_default="configs/ddpm.py")
+        cli.run(main, config_default="ddpm")
+
+A --config value is a shipped config by name (`cifar10`, `vdm:runlocal`, `cifar10:h200`) or a .py
+file by path (`configs/vdm.py:runlocal`); ddpm_jax.configuration.load_config_file reads both.
 """
 
 from __future__ import annotations
@@ -14,9 +17,9 @@ import sys
 
 import ml_collections
 from absl import app, flags
-from ml_collections import config_flags
+from ml_collections.config_flags import config_flags as ml_collections_flags
 
-from ddpm_jax import xla_flags
+from ddpm_jax import configuration, xla_flags
 from ddpm_jax.configuration import load_config_file, lookup_field
 from ddpm_jax.errors import ConfigError, UserError
 
@@ -73,7 +76,7 @@ def flags_parser(config_default: str | None = None):
     """An absl `flags_parser` for app.run that prints `error: ...` (no traceback) for bad flags.
 
     Args:
-      config_default: the --config default (`path[:arg]`), for entry points with a --config flag;
+      config_default: the --config default (`name_or_path[:variant]`), for entry points with a --config flag;
         its overrides are checked against the loaded config before absl parses them.
     """
 
@@ -96,19 +99,57 @@ def flags_parser(config_default: str | None = None):
     return parse
 
 
-def define_config_flag(default_spec: str, help_text: str = "Config file, optionally with :arg (e.g. :runlocal)."):
-    """`--config` (ml_collections' config_flags, locked) with every --config.* override checked first.
+class _ConfigParser(flags.ArgumentParser):
+    """The --config parser: `name_or_path[:variant]` read by load_config_file, the config locked."""
+
+    def parse(self, argument):
+        config = load_config_file(argument)
+        config.lock()
+        return config
+
+    def flag_type(self):
+        return "config object"
+
+
+CONFIG_HELP = (
+    "A config by name ({names}) or a .py file, optionally with :variant (e.g. vdm:runlocal, cifar10:h200); "
+    "override any field with --config.<section>.<field>=value."
+)
+
+
+def define_config_flag(default_spec: str, help_text: str | None = None):
+    """`--config` (ml_collections' config flag, locked) that takes a shipped config's name or a file's
+    path, with every --config.* override checked first.
 
     ml_collections applies the overrides already when the flag is defined (at import of the entry
     point), where an unknown field would end in a traceback; this says `error: ...` instead.
     """
     try:
         check_config_flags(sys.argv, default_spec)
-        return config_flags.DEFINE_config_file("config", default_spec, help_text, lock_config=True)
+        help_text = help_text or CONFIG_HELP.format(names=", ".join(configuration.names()))
+        flag = ml_collections_flags._ConfigFlag(  # DEFINE_config_file's flag, with the parser that knows names
+            parser=_ConfigParser(),
+            serializer=flags.ArgumentSerializer(),
+            name="config",
+            default=default_spec,
+            help_string=help_text,
+            flag_values=flags.FLAGS,
+        )
+        return flags.DEFINE_flag(flag, flags.FLAGS)
     except UserError as e:
         sys.exit(f"error: {e}")
     except (AttributeError, KeyError, TypeError, ValueError, flags.Error) as e:
         sys.exit(f"error: {_explain_flag_error(str(e), None)}. Check the --config.* names against the config file.")
+
+
+def _list_in_help(main) -> None:
+    """`--help` lists the flags of sys.argv[0]'s module; a command's flags are defined in its own module
+    (ddpm_jax.commands.train, ddpm_jax.evaluate, ...), so they are listed as that script's too."""
+    command_flags = list(flags.FLAGS.flags_by_module_dict().get(main.__module__, []))
+    if "config" in flags.FLAGS:
+        command_flags.append(flags.FLAGS["config"])
+    for flag in command_flags:
+        flags.FLAGS.register_key_flag_for_module(sys.argv[0], flag)
 
 
 def run(main, config_default: str | None = None) -> None:
@@ -131,4 +172,5 @@ def run(main, config_default: str | None = None) -> None:
             )
 
     xla_flags.configure()  # before anything creates a JAX backend
+    _list_in_help(main)
     app.run(checked_main, flags_parser=flags_parser(config_default))

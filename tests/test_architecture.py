@@ -1,8 +1,9 @@
 """The run layer's structure, read from the source with ast (and, for what a module drags in at
 import, from a fresh interpreter): which module may depend on which, so the layers stay apart.
 
-- Only the entry points train a model: ddpm_jax.loop is imported by train.py and by the ablation
-  runner (which trains its cells), by nothing else.
+- Only the entry points train a model: ddpm_jax.loop is imported by the train command
+  (ddpm_jax.commands.train, which train.py wraps) and by the ablation runner (which trains its
+  cells), by nothing else.
 - ddpm_jax.checkpoint is a leaf of the run layer: it knows no model, method or training step.
 - Loading and sampling a run (run, sample_lib, evaluate, plots) needs neither TensorFlow nor the
   input pipeline (ddpm_jax.data).
@@ -123,7 +124,7 @@ def _chain(closure: dict, target: str) -> str:
 
 def test_only_the_entry_points_import_the_training_loop():
     importers = sorted(name for name in FILES if project_imports(name).get("ddpm_jax.loop"))
-    assert importers == ["ddpm_jax.ablation", "train"], importers
+    assert importers == ["ddpm_jax.ablation", "ddpm_jax.commands.train"], importers  # train.py wraps the latter
 
 
 # ----------------------------------------------------------------------------- (b) checkpoint is a leaf

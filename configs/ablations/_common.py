@@ -5,7 +5,7 @@ and refuses a name that two grids define differently), so every grid calls the u
 default "default".
 """
 
-BASE = "configs/ddpm.py"
+BASE = "ddpm"  # the shipped config of that name (configs/ddpm.py)
 OVERRIDES = {"training.num_train_steps": 600, "training.eval_every": 200, "optim.warmup_steps": 50}
 DEFAULT_CELL = {}
 

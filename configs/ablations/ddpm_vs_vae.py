@@ -1,7 +1,7 @@
 """The diffusion model against the VAE baseline (the lecture's starting point): same data, loop and decoder."""
 
-from configs.ablations._common import DEFAULT_CELL, grid
+from ._common import DEFAULT_CELL, grid
 
 
 def get_grid():
-    return grid({"default": DEFAULT_CELL, "vae": {"config": "configs/vae.py"}})
+    return grid({"default": DEFAULT_CELL, "vae": {"config": "vae"}})

@@ -1,7 +1,7 @@
 """Fixed vs learned noise schedule: the learned one (VDM's monotone network) is trained through the exact
 bound, so its fixed counterpart here trains on the same loss (vlb, importance-sampled t)."""
 
-from configs.ablations._common import grid
+from ._common import grid
 
 
 def get_grid():

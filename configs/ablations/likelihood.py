@@ -10,7 +10,7 @@ def get_grid():
         "overrides": {"training.eval_every": 250},
         "cells": {
             "ladder_vae": {"config": "vae"},
-            "ladder_hvae": {"config": "configs/hvae.py"},
+            "ladder_hvae": {"config": "hvae"},
             "ladder_ddpm": {},  # simple loss, fixed_small, linear: the paper's setting
             "ladder_iddpm": {
                 "diffusion.schedule": "cosine",
@@ -27,6 +27,6 @@ def get_grid():
                 "diffusion.prior_loss": True,
                 "diffusion.condition_on": "log_snr",
             },
-            "ladder_vdm": {"config": "configs/vdm.py"},
+            "ladder_vdm": {"config": "vdm"},
         },
     }

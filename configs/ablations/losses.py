@@ -1,7 +1,7 @@
 """Losses: simple (Ho et al. eq. 14), the omega_t-weighted MSE, the exact bound (with importance-sampled t),
 and hybrid with a learned variance (Improved DDPM)."""
 
-from configs.ablations._common import DEFAULT_CELL, grid
+from ._common import DEFAULT_CELL, grid
 
 
 def get_grid():

@@ -4,7 +4,7 @@
 bf16 run's gap to float32 is compared against.
 """
 
-from configs.ablations._common import DEFAULT_CELL, grid
+from ._common import DEFAULT_CELL, grid
 
 
 def get_grid():

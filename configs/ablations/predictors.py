@@ -1,6 +1,6 @@
 """What the network predicts (the lecture's mean / x0 / eps, and v), linear schedule, simple loss on it."""
 
-from configs.ablations._common import DEFAULT_CELL, grid
+from ._common import DEFAULT_CELL, grid
 
 
 def get_grid():

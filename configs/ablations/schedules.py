@@ -1,6 +1,6 @@
 """Beta schedules (linear = the default, quadratic, cosine, constant), eps / fixed_small / simple loss."""
 
-from configs.ablations._common import DEFAULT_CELL, grid
+from ._common import DEFAULT_CELL, grid
 
 
 def get_grid():

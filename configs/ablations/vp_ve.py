@@ -1,6 +1,6 @@
 """Variance preserving (linear) vs variance exploding (geometric sigma 0.01..50), eps prediction."""
 
-from configs.ablations._common import DEFAULT_CELL, grid
+from ._common import DEFAULT_CELL, grid
 
 
 def get_grid():

@@ -1,0 +1,72 @@
+"""`ddpm-train` (and `python train.py`): trains a model.
+
+    ddpm-train [--config=vdm] [--workdir=runs/default] [--config.training.num_train_steps=500]
+
+--config takes a shipped config by name (`cifar10`, `vdm:runlocal`, `cifar10:h200`) or a .py file.
+Re-running the same command resumes from the latest checkpoint in --workdir; SIGTERM / Ctrl-C save a
+checkpoint first. Several hosts: one process per host with --coordinator_address, --num_processes and
+--process_id (or the JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES and JAX_PROCESS_ID environment
+variables), or --distributed on a cluster JAX detects (SLURM, Cloud TPU pods).
+"""
+
+from __future__ import annotations
+
+import os
+import shlex
+import sys
+
+from absl import flags
+
+from ddpm_jax import cli
+
+DEFAULT_CONFIG = "vdm"
+
+
+def define_flags():
+    """Defines train's flags (--config first, whose overrides are checked now) and returns its main."""
+    config_flag = cli.define_config_flag(DEFAULT_CONFIG)
+    workdir_flag = flags.DEFINE_string("workdir", "runs/default", "Where checkpoints, metrics and samples go.")
+    coordinator = flags.DEFINE_string("coordinator_address", None, "Multi-process runs: host:port of process 0.")
+    num_processes = flags.DEFINE_integer(
+        "num_processes", None, "Multi-process runs: how many processes.", lower_bound=1
+    )
+    process_id = flags.DEFINE_integer("process_id", None, "Multi-process runs: this process's index.", lower_bound=0)
+    auto = flags.DEFINE_bool("distributed", False, "Start jax.distributed with the cluster JAX detects (SLURM, ...).")
+
+    def is_process_0() -> bool:
+        """Whether this process is known, before JAX loads, to be process 0: the one that takes the workdir lock."""
+        pid = process_id.value if process_id.value is not None else os.environ.get("JAX_PROCESS_ID", "")
+        return str(pid).strip() == "0" or (pid == "" and not auto.value)
+
+    def main(argv):
+        from ddpm_jax import workdir_lock
+
+        workdir = workdir_flag.value
+        if is_process_0():  # a live run in --workdir: refuse now, not after JAX and TensorFlow have loaded
+            workdir_lock.check(workdir)
+        from ddpm_jax import distributed
+
+        # before anything touches a device
+        distributed.initialize(coordinator.value, num_processes.value, process_id.value, auto=auto.value)
+        from ddpm_jax import data, loop
+
+        data.hide_gpus_from_tf()
+        try:
+            results = loop.train_and_evaluate(config_flag.value, workdir)
+        except KeyboardInterrupt:
+            sys.exit(
+                f"error: interrupted twice; stopped without saving. The last complete checkpoint in "
+                f"{workdir} is kept: run the same command again to resume from it."
+            )
+        if "stopped_at" in results:
+            if distributed.is_main_process():
+                print(f"To resume: {shlex.join([sys.executable] + sys.argv)}")
+            return
+        for key, value in results.items():
+            print(f"{key}: {value}")
+
+    return main
+
+
+def cli_main() -> None:
+    cli.run(define_flags(), config_default=DEFAULT_CONFIG)

@@ -1,0 +1,140 @@
+"""The wheel: what it holds, and its console commands run from a fresh venv outside the repo.
+
+The wheel is built from a copy of the sources (no build/ or egg-info left in the repo) without build
+isolation, and installed with --no-deps into a fresh venv whose dependencies come from this venv's
+site-packages through a .pth line (a plain path: this venv's own .pth files, the editable install's
+among them, are not run). So nothing is downloaded, and ddpm_jax and its configs can only come from
+the wheel.
+"""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import sysconfig
+import tomllib
+import zipfile
+
+import fault_utils as fu
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SCRIPTS = ("ddpm-train", "ddpm-sample", "ddpm-evaluate", "ddpm-ablate")
+
+
+def _sources_in(folder: str, prefix: str) -> set[str]:
+    """The .py files under folder, as paths in the wheel under prefix."""
+    out = set()
+    for dirpath, dirnames, files in os.walk(folder):
+        dirnames[:] = [d for d in dirnames if d != "__pycache__"]
+        for name in files:
+            if name.endswith(".py"):
+                rel = os.path.relpath(os.path.join(dirpath, name), folder)
+                out.add(f"{prefix}/{rel}".replace(os.sep, "/"))
+    return out
+
+
+@pytest.fixture(scope="module")
+def wheel(tmp_path_factory) -> str:
+    src = tmp_path_factory.mktemp("src")
+    for name in ("pyproject.toml", "README.md", "LICENSE"):
+        shutil.copy(os.path.join(ROOT, name), src)
+    for name in ("ddpm_jax", "configs"):
+        shutil.copytree(os.path.join(ROOT, name), src / name, ignore=shutil.ignore_patterns("__pycache__"))
+    dist = tmp_path_factory.mktemp("dist")
+    proc = subprocess.run(
+        [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w", str(dist), str(src)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    (path,) = dist.glob("ddpm_jax-*.whl")
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def venv(wheel, tmp_path_factory) -> str:
+    """A fresh venv with the wheel installed (no pip of its own: this venv's pip installs into it)."""
+    root = tmp_path_factory.mktemp("venv")
+    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(root)], check=True, timeout=120)
+    python = str(root / "bin" / "python")
+    site = subprocess.run(
+        [python, "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.strip()
+    with open(os.path.join(site, "_deps_from_test_venv.pth"), "w") as f:
+        f.write(sysconfig.get_paths()["purelib"] + "\n")
+    proc = subprocess.run(
+        [sys.executable, "-m", "pip", "--python", python, "install", "--no-deps", "-q", wheel],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return str(root)
+
+
+def test_the_wheel_holds_every_module_config_grid_and_the_license(wheel):
+    with zipfile.ZipFile(wheel) as z:
+        names = set(z.namelist())
+        entry_points = z.read(next(n for n in names if n.endswith(".dist-info/entry_points.txt"))).decode()
+        metadata = z.read(next(n for n in names if n.endswith(".dist-info/METADATA"))).decode()
+    expected = _sources_in(os.path.join(ROOT, "ddpm_jax"), "ddpm_jax") | _sources_in(
+        os.path.join(ROOT, "configs"), "ddpm_jax/configs"
+    )
+    assert expected - names == set(), "pyproject.toml's [tool.setuptools] packages misses these"
+    assert not any(n.startswith(("configs/", "tests/", "bench/")) for n in names)
+    assert any(n.endswith("licenses/LICENSE") for n in names) and "License-Expression: Apache-2.0" in metadata
+    for script in SCRIPTS:
+        assert f"{script} = " in entry_points
+    extras = tomllib.load(open(os.path.join(ROOT, "pyproject.toml"), "rb"))["project"]["optional-dependencies"]
+    assert {"gpu", "gpu-cuda12", "tpu"} <= set(extras)
+
+
+@pytest.mark.slow
+def test_installed_commands_train_from_outside_the_repo(venv, data_dir, tmp_path, tmp_path_factory):
+    """ddpm-train from the wheel, in a folder outside the repo, with a config chosen by name: it loads
+    the configs of the installed package (not the repo's), trains 2 steps and writes its workdir."""
+    env = fu.env(str(tmp_path_factory.getbasetemp()), data_dir, devices=1)
+    env.pop("PYTHONPATH", None)
+    bin_dir = os.path.join(venv, "bin")
+    env["PATH"] = bin_dir + os.pathsep + env["PATH"]
+    outside = tmp_path / "elsewhere"
+    outside.mkdir()
+
+    def run(*args, timeout=300):
+        return subprocess.run(list(args), cwd=outside, env=env, capture_output=True, text=True, timeout=timeout)
+
+    probe = (
+        "import importlib.metadata as md, ddpm_jax; from ddpm_jax import configuration; "
+        "print(ddpm_jax.__file__, configuration.configs_dir()); "
+        "print(sorted(e.name for e in md.entry_points(group='console_scripts') if e.name.startswith('ddpm-') and e.load()))"
+    )
+    where = run(os.path.join(bin_dir, "python"), "-c", probe)  # every command's entry point imports
+    assert where.returncode == 0, where.stderr[-3000:]
+    package_file, configs_dir, *scripts = where.stdout.strip().split(maxsplit=2)
+    assert package_file.startswith(venv) and configs_dir.startswith(venv), where.stdout
+    assert configs_dir.endswith(os.path.join("ddpm_jax", "configs"))
+    assert scripts == [str(sorted(SCRIPTS))]
+    help_ = run(os.path.join(bin_dir, "ddpm-train"), "--help")  # absl's --help exits with status 1
+    assert "--config: A config by name (cifar10, ddpm, hvae, mnist, vae, vdm)" in help_.stdout, help_.stderr[-2000:]
+    bad = run(os.path.join(bin_dir, "ddpm-train"), "--config=cifar10:gpu9")
+    assert bad.returncode == 1 and "its variants are runlocal, h100, h200, gpu8" in bad.stderr, bad.stderr[-2000:]
+
+    workdir = outside / "run"
+    proc = run(
+        os.path.join(bin_dir, "ddpm-train"),
+        "--config=ddpm:runlocal",
+        f"--workdir={workdir}",
+        "--config.training.num_train_steps=2",
+        "--config.training.final_bpd=False",
+        timeout=600,
+    )
+    assert proc.returncode == 0, (proc.stdout[-2000:], proc.stderr[-3000:])
+    with open(workdir / "config.json") as f:
+        saved = json.load(f)
+    assert saved["training"]["num_train_steps"] == 2 and saved["model"]["ch"] == 8  # ddpm:runlocal's
