@@ -1,6 +1,6 @@
 """Shared measurement helpers for bench/run.py (CPU) and bench/gpu_bench.py (GPU).
 
-Only ddpm_jax.train_lib, ddpm_jax.sampling, ddpm_jax.schedules and the configs are imported:
+Only ddpm_jax.train_lib, ddpm_jax.methods, ddpm_jax.sampling, ddpm_jax.schedules and the configs are imported:
 never ddpm_jax.data (tensorflow), so this runs on a machine with JAX/Flax/Optax/chex and the
 ml_collections wheel alone. Every batch is synthetic (uniform in [-1, 1]).
 """
@@ -141,7 +141,7 @@ def bench_train(
     trace_dir: str | None = None,
     trace_steps: int = 3,
 ) -> dict:
-    """The pmapped train_step (train_lib.make_pmapped_steps) on a synthetic global batch.
+    """The pmapped train_step (train_lib.compile_steps(...).train) on a synthetic global batch.
 
     Compiles ahead of time (lower + compile, timed), then runs `warmup` untimed and `steps` timed
     steps, each blocked on. Returns throughput, compile time, XLA memory analysis and cost analysis.
@@ -149,16 +149,17 @@ def bench_train(
     ddpm_jax.loop runs them (the host enqueues step k+1 while the device runs step k).
     trace_dir: profile `trace_steps` pipelined steps there (jax.profiler, with a Perfetto trace).
     """
-    from ddpm_jax import train_lib
+    from ddpm_jax import methods, train_lib
 
     ndev = jax.local_device_count()
     gb = cfg.training.batch_size
     assert gb % ndev == 0, (gb, ndev)
     size, ch = cfg.data.image_size, cfg.data.channels
     t0 = now()
-    state = train_lib.create_train_state(cfg, jax.random.PRNGKey(seed))
-    sched = train_lib.make_schedule(cfg)
-    p_train, *_ = train_lib.make_pmapped_steps(cfg, state.apply_fn, sched)
+    method = methods.from_config(cfg)
+    steps_fns = train_lib.compile_steps(method, cfg)
+    state = train_lib.create_train_state(method, steps_fns.tx, jax.random.PRNGKey(seed))
+    p_train = steps_fns.train
     rstate = train_lib.replicate(state)
     # The batch is laid out like a loader's: one shard per device along axis 0.
     host = np.random.default_rng(seed).uniform(-1, 1, (ndev, gb // ndev, size, size, ch)).astype(np.float32)
@@ -243,16 +244,20 @@ def bench_train(
     }
 
 
+def network(cfg):
+    """The config's network (for a DDPM with the fixed decoder: the UNet), as the method builds it."""
+    from ddpm_jax import methods
+
+    return methods.from_config(cfg).model
+
+
 def model_flops(cfg, batch: int, *, compile: bool = True) -> dict:
     """FLOPs per image of the UNet forward and forward+backward (grad w.r.t. params), from XLA.
 
     fwd+bwd is `jax.jit(jax.value_and_grad(loss)).lower(...).compile().cost_analysis()`; with
     compile=False the (pre-optimisation) lowered module's analysis is used (within ~1% here).
     """
-    from ddpm_jax import train_lib
-    from ddpm_jax.models.unet import create_model
-
-    model = create_model(cfg.model, cfg.data.image_size, train_lib.model_out_channels(cfg))
+    model = network(cfg)
     size, ch = cfg.data.image_size, cfg.data.channels
     x = jnp.zeros((batch, size, size, ch))
     t = jnp.zeros((batch,), jnp.int32)
@@ -322,19 +327,31 @@ def random_params(model, size: int, ch: int, seed: int = 0):
 
 
 def bench_sampling(
-    cfg, *, n: int, t_steps: int, ddim_steps: int | None = 50, reps: int = 1, ddim_n: int | None = None
+    cfg,
+    *,
+    n: int,
+    t_steps: int,
+    ddim_steps: int | None = 50,
+    reps: int = 1,
+    ddim_n: int | None = None,
+    net_calls: int = 5,
+    between: dict | None = None,
 ) -> dict:
-    """Ancestral sample_loop (T = t_steps) vs the same T network evaluations alone, and DDIM.
+    """The sampling network call alone, the ancestral sample_loop (T = t_steps) vs the same T network
+    evaluations in a bare scan, and DDIM.
 
+    net_call: one jitted forward at batch n (the sampler's unit of work), timed net_calls times.
     The schedule is rebuilt with t_steps timesteps (a cheaper stand-in for T = 1000: the per-step
     work is the same). "Network alone" is one lax.scan of T UNet evaluations at batch n with a
     trivial carry update, so the sampler's extra cost (posterior mean/variance, clipping, noise)
     is the difference.
+    between: {"net_call" | "ancestral" | "ddim": fn}; fn runs untimed after each timed repetition of
+    that measurement (bench/run.py times PyTorch's counterpart there: both alternate under one load).
     """
-    from ddpm_jax import sampling, schedules, train_lib
-    from ddpm_jax.models.unet import create_model
+    from ddpm_jax import sampling, schedules
 
-    model = create_model(cfg.model, cfg.data.image_size, train_lib.model_out_channels(cfg))
+    between = between or {}
+    model = network(cfg)
     size, ch = cfg.data.image_size, cfg.data.channels
     shape = (n, size, size, ch)
     key = (
@@ -352,8 +369,11 @@ def bench_sampling(
     sched = schedules.make_schedule(cfg.diffusion.schedule, t_steps)
     dcfg = cfg.diffusion
 
+    def apply(p, x, t):
+        return model.apply({"params": p}, x, t, train=False)
+
     def model_fn_of(p):
-        return train_lib.model_fn_for(model.apply, p)
+        return functools.partial(apply, p)
 
     def ancestral(p, rng):
         return sampling.sample_loop(
@@ -368,7 +388,7 @@ def bench_sampling(
 
     def net_alone(p, x, steps):
         def body(x, tt):
-            out = model.apply({"params": p}, x, jnp.full((x.shape[0],), tt, jnp.int32), train=False)
+            out = apply(p, x, jnp.full((x.shape[0],), tt, jnp.int32))
             return (0.9 * x + 0.1 * out[..., :ch]).astype(x.dtype), None
 
         return jax.lax.scan(body, x, jnp.arange(steps - 1, -1, -1, dtype=jnp.int32))[0]
@@ -379,12 +399,16 @@ def bench_sampling(
 
     def run(name, f, *args, n_reps=reps):
         t0 = now()
-        c = jax.jit(f, static_argnums=()).lower(*args).compile()
+        c = jax.jit(f).lower(*args).compile()
         res[f"{name}_compile_s"] = now() - t0
-        times, _ = timed_calls(lambda: c(*args), n_reps)
+        times, _ = timed_calls(lambda: c(*args), n_reps, between=between.get(name))
         res[f"{name}_s"] = min(times)
+        res[f"{name}_median_s"] = statistics.median(times)
         res[f"{name}_times_s"] = times
 
+    run("net_call", apply, params, x0, jnp.full((n,), t_steps // 2, jnp.int32), n_reps=net_calls)
+    res["net_call_ms"] = 1e3 * res["net_call_median_s"]
+    res["net_call_images_per_s"] = n / res["net_call_median_s"]
     run("ancestral", ancestral, params, rng)
     run("net_alone", functools.partial(net_alone, steps=t_steps), params, x0)
     res["overhead_pct"] = 100.0 * (res["ancestral_s"] / res["net_alone_s"] - 1.0)
@@ -392,10 +416,10 @@ def bench_sampling(
     # The sampler's own per-step work, isolated: the same loop around a near-free network, minus a
     # bare scan around it. The difference of the two full runs above carries the machine's drift
     # between them (on a 2-core CPU, several % of a step); this does not.
-    reps_out = train_lib.model_out_channels(cfg) // ch
+    out_ch = jax.eval_shape(apply, params, x0, jnp.zeros((n,), jnp.int32)).shape[-1]
 
     def trivial_net(x, t):
-        return jnp.concatenate([0.5 * x] * reps_out, axis=-1)
+        return jnp.concatenate([0.5 * x] * (out_ch // ch), axis=-1)
 
     def sampler_trivial(rng):
         return sampling.sample_loop(
@@ -418,10 +442,10 @@ def bench_sampling(
     run("scan_trivial", scan_trivial, x0, n_reps=max(reps, 5))
     res["sampler_own_ms"] = 1e3 * (res["sampler_trivial_s"] - res["scan_trivial_s"]) / t_steps
     res["sampler_own_pct"] = 100.0 * res["sampler_own_ms"] / (1e3 * res["net_alone_s"] / t_steps)
-    res["ancestral_images_per_s"] = n / res["ancestral_s"]
+    res["ancestral_images_per_s"] = n / res["ancestral_median_s"]
     res["net_eval_ms"] = 1e3 * res["net_alone_s"] / t_steps
-    res["ancestral_step_ms"] = 1e3 * res["ancestral_s"] / t_steps
-    res["ancestral_T1000_s_extrapolated"] = res["ancestral_s"] * 1000.0 / t_steps
+    res["ancestral_step_ms"] = 1e3 * res["ancestral_median_s"] / t_steps
+    res["ancestral_T1000_s_extrapolated"] = res["ancestral_median_s"] * 1000.0 / t_steps
     res["ancestral_T1000_images_per_s"] = n / res["ancestral_T1000_s_extrapolated"]
     if ddim_steps:
         dn = ddim_n or n
@@ -442,8 +466,8 @@ def bench_sampling(
 
         run("ddim", ddim, params, rng)
         res["ddim_n"], res["ddim_steps"] = dn, ddim_steps
-        res["ddim_images_per_s"] = dn / res["ddim_s"]
-        res["ddim_step_ms"] = 1e3 * res["ddim_s"] / ddim_steps
+        res["ddim_images_per_s"] = dn / res["ddim_median_s"]
+        res["ddim_step_ms"] = 1e3 * res["ddim_median_s"] / ddim_steps
     res["maxrss_mb"] = maxrss_mb()
     res["device_peak_mb"] = device_peak_mb()
     return res
