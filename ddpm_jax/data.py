@@ -20,6 +20,8 @@ images from disk by index: tfds datasets prepared as ArrayRecord (`tfds build NA
 (seed, step), the same for both (so streaming gives the same batches as in memory), and a restored run
 continues with exactly the batches an uninterrupted run would have seen (see `train_batches`). Each
 process reads only its own shard (tfds.even_splits; contiguous runs of a folder's sorted files).
+tf.data builds the batches on the host's cores; a background thread keeps READ_AHEAD of them ready, so
+the training loop's next() does not wait (bench/input_pipeline.py measures both).
 
 TF and GPUs: the entry point (train.py) should call `hide_gpus_from_tf()` (that is
 `tf.config.set_visible_devices([], 'GPU')`) before anything else touches TF, so that tf.data
@@ -28,6 +30,8 @@ stays on the CPU and leaves the accelerators' memory to JAX.
 
 import logging
 import math
+import queue
+import threading
 from collections.abc import Iterator
 
 import jax
@@ -44,6 +48,7 @@ from ddpm_jax.pixels import unscale_images  # noqa: F401 - re-exported beside sc
 # A few names that work with this pipeline (any tfds image dataset with a uint8 "image" feature does;
 # celeb_a's 218x178 faces are centre-cropped and resized to config.data.image_size), and a folder.
 EXAMPLE_DATASETS = ("digits", "mnist", "fashion_mnist", "cifar10", "celeb_a", "folder:/path/to/images")
+READ_AHEAD = 2  # batches train_batches keeps ready in a background thread (_read_ahead)
 # tf.random.experimental.index_shuffle pads its [2] seed with this word in front before calling
 # the raw op; we call the raw op with one seed per element and the same padding (same results).
 _INDEX_SHUFFLE_SEED_PAD = 498247692
@@ -350,8 +355,47 @@ def train_batches(
     ds = ds.map(lambda b: tf.reshape(scale_images(b), shape), num_parallel_calls=tf.data.AUTOTUNE)
     ds = ds.prefetch(tf.data.AUTOTUNE)
     if not isinstance(images, StreamedSplit):
-        return (batch._numpy() for batch in ds)  # zero-copy views of the tf tensors
-    return _named_errors(ds, images, per_device * num_local_devices, seed, start_step)
+        return _read_ahead(batch._numpy() for batch in ds)  # zero-copy views of the tf tensors
+    return _read_ahead(_named_errors(ds, images, per_device * num_local_devices, seed, start_step))
+
+
+def _read_ahead(batches: Iterator[np.ndarray], size: int = READ_AHEAD) -> Iterator[np.ndarray]:
+    """Iterates batches in a background thread, up to `size` ahead, so that next() hands over a ready batch.
+
+    tf.data's AUTOTUNE prefetch keeps little ready for a consumer that is slower than the pipeline (a
+    training step): there next() waited 2-4 ms per step (bench/RESULTS.md, input pipeline), here ~0.07 ms.
+    An error in the pipeline is raised by the next() that reaches it; the thread stops when this iterator
+    is closed or garbage-collected.
+    """
+    ready: queue.Queue = queue.Queue(size)
+    stop = threading.Event()
+
+    def put(item) -> bool:  # False once the consumer has gone
+        while not stop.is_set():
+            try:
+                ready.put(item, timeout=0.1)
+                return True
+            except queue.Full:
+                pass
+        return False
+
+    def fill():
+        try:
+            for batch in batches:
+                if not put((batch, None)):
+                    return
+        except BaseException as e:  # handed to the consumer
+            put((None, e))
+
+    threading.Thread(target=fill, name="train_batches", daemon=True).start()
+    try:
+        while True:
+            batch, error = ready.get()
+            if error is not None:
+                raise error
+            yield batch
+    finally:
+        stop.set()
 
 
 def _named_errors(ds: tf.data.Dataset, images: StreamedSplit, batch_size: int, seed: int, step: int):

@@ -238,3 +238,21 @@ def test_tfds_streamed_gives_the_in_memory_batches_and_resumes(tfds_dir):
         for i in range(2)
     ]
     np.testing.assert_array_equal(np.concatenate([s[:] for s in shards]), memory)
+
+
+def test_read_ahead_thread_stops_when_the_stream_is_closed(folder):
+    import threading
+    import time
+
+    def readers():
+        return [t for t in threading.enumerate() if t.name == "train_batches"]
+
+    before = len(readers())
+    batches = data.train_batches(_load(f"folder:{folder[0]}", "train"), 4, 0, num_local_devices=2, process_count=1)
+    next(batches)
+    assert len(readers()) == before + 1
+    batches.close()
+    deadline = time.time() + 5
+    while len(readers()) > before and time.time() < deadline:
+        time.sleep(0.05)
+    assert len(readers()) == before
