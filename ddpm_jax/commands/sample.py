@@ -49,3 +49,7 @@ def define_flags():
 
 def cli_main() -> None:
     cli.run(define_flags())
+
+
+if __name__ == "__main__":
+    cli_main()

@@ -70,3 +70,7 @@ def define_flags():
 
 def cli_main() -> None:
     cli.run(define_flags(), config_default=DEFAULT_CONFIG)
+
+
+if __name__ == "__main__":
+    cli_main()
