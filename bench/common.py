@@ -147,7 +147,8 @@ def bench_train(
     steps, each blocked on. Returns throughput, compile time, XLA memory analysis and cost analysis.
     pipelined: also time `steps` steps dispatched back to back with one block at the end, as
     ddpm_jax.loop runs them (the host enqueues step k+1 while the device runs step k).
-    trace_dir: profile `trace_steps` pipelined steps there (jax.profiler, with a Perfetto trace).
+    trace_dir: profile `trace_steps` pipelined steps there (jax.profiler, with a Perfetto trace), and
+      write the compiled step's HLO text beside it.
     """
     from ddpm_jax import methods, train_lib
 
@@ -198,6 +199,9 @@ def bench_train(
             jax.block_until_ready(rstate)
         found = glob.glob(os.path.join(trace_dir, "**", "*perfetto_trace.json.gz"), recursive=True)
         extra["trace"] = max(found, key=os.path.getmtime) if found else None
+        extra["hlo"] = os.path.join(trace_dir, "train_step.hlo.txt")  # names the trace's ops (cpu_op_profile.py)
+        with open(extra["hlo"], "w") as f:
+            f.write(compiled.as_text())
         extra["trace_steps"] = trace_steps
     host_times = []
     if host_batch_steps:  # as ddpm_jax.loop feeds it: a fresh host (numpy) batch every step

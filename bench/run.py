@@ -427,9 +427,9 @@ def fmt(v, spec=".3g", none="-"):
     return none if v is None else format(v, spec)
 
 
-MODELS = (  # (label, train part, sampling part)
-    ("digits", "default", "default"),
-    ("cifar10", "cifar10", "cifar10_sampling"),
+MODELS = (  # (label, train part, sampling part, train batch)
+    ("digits", "default", "default", 128),
+    ("cifar10", "cifar10", "cifar10_sampling", 8),
 )
 
 
@@ -442,9 +442,9 @@ def ratios(R: dict) -> list[dict]:
     """ddpm_jax / PyTorch img/s for each model: train, then the network call, ancestral and DDIM-50 sampling.
     Each is the ratio of the two sides' medians; `pairs` are the alternating pairs' own ratios."""
     out = []
-    for label, tpart, spart in MODELS:
+    for label, tpart, spart, batch in MODELS:
         jt, pt = R.get(tpart, {}).get("train"), (R.get(tpart, {}).get("torch") or {}).get("train")
-        what = f"({label} config, batch {jt['global_batch'] if jt else '?'})"
+        what = f"({label} config, batch {batch})"
         r = None if not (jt and pt) else jt["images_per_s"] / pt["images_per_s"]
         pairs = pair_ratios(jt["step_times_s"], pt["step_times_s"]) if r else []
         out.append(dict(model=label, kind="train", what=what, ratio=r, pairs=pairs))
@@ -454,12 +454,12 @@ def ratios(R: dict) -> list[dict]:
             ("ancestral sampler", "ancestral", "n"),
             ("DDIM-50 sampler", "ddim", "ddim_n"),
         ):
-            n = s.get(n_key) if s else None
-            what = f"({label} config, batch {n if n else '?'}" + (
-                f", T={s['T']} run)" if s and key == "ancestral" else ")"
-            )
+            if not s:  # the sampling part did not run: say which
+                out.append(dict(model=label, kind=kind, what=f"({label} config, part {spart})", ratio=None, pairs=[]))
+                continue
+            what = f"({label} config, batch {s[n_key]}" + (f", T={s['T']} run)" if key == "ancestral" else ")")
             r, pairs = None, []
-            if s and ts and key in ts:
+            if ts and key in ts:
                 r = ts[key]["median_s"] / s[f"{key}_median_s"]  # same batch on both sides
                 pairs = pair_ratios(s[f"{key}_times_s"], ts[key]["times_s"])
             out.append(dict(model=label, kind=kind, what=what, ratio=r, pairs=pairs))
@@ -640,6 +640,13 @@ def main():
         "opts": {k: v for k, v in vars(opts).items() if k != "passthrough"},
         "started": time.strftime("%Y-%m-%d %H:%M:%S"),
     }
+    load, cpus = os.getloadavg()[0], os.cpu_count() or 1
+    if have_torch and not opts.skip_torch and not opts.torch_omp_passive and load > cpus:
+        print(
+            f"WARNING: load average {load:.1f} on {cpus} CPUs: PyTorch's spinning OpenMP barriers stall when its "
+            "threads are descheduled (10x+ slower steps); add --torch-omp-passive for a fair ratio here",
+            flush=True,
+        )
     if not have_torch and "--skip-torch" not in opts.passthrough:
         opts.passthrough.append("--skip-torch")
     for name in names:
