@@ -547,7 +547,7 @@ def table(R: dict) -> str:
     for label, part in (("default (digits)", "default"), ("cifar10", "cifar10_sampling")):
         s, ts = R.get(part, {}).get("sampling"), R.get(part, {}).get("torch_sampling") or {}
         if not s:
-            L.append(f"| {label} | ddpm_jax | | | | | | | | | {'not run' if part not in R else 'failed'} |")
+            L.append(f"| {label} | ddpm_jax |{' |' * 8} {'not run' if part not in R else 'failed'} |")
             continue
         L.append(
             f"| {label} | ddpm_jax | {s['n']} | {s['net_call_ms']:.1f}, {s['net_call_images_per_s']:.0f} | "
