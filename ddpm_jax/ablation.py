@@ -20,6 +20,7 @@ the independent-pixel histogram baseline, and <out>/<grid>/{bpd,loss}_vs_step.pn
 from __future__ import annotations
 
 import csv
+import io
 import json
 import os
 import time
@@ -28,7 +29,7 @@ import ml_collections
 import numpy as np
 from absl import flags
 
-from ddpm_jax import cli, configuration, fileio
+from ddpm_jax import cli, configuration, fileio, plots
 from ddpm_jax.configuration import load_config_file
 from ddpm_jax.errors import ConfigError
 
@@ -102,17 +103,16 @@ def run_cell(
 
     config = cell_config(grid, name, extra)
     digest = configuration.digest(config)
-    workdir = os.path.join(cells_dir, name)
-    done = os.path.join(workdir, CELL_FILE)
-    saved = checkpoint.load_config(workdir, required=False) if os.path.isdir(workdir) else None
+    workdir = os.fspath(fileio.as_path(cells_dir) / name)
+    done = fileio.as_path(workdir) / CELL_FILE
+    saved = checkpoint.load_config(workdir, required=False) if fileio.as_path(workdir).is_dir() else None
     if saved is not None and configuration.digest(saved) != digest:
         raise ConfigError(
             f"cell {name!r}: {workdir} holds a run of another config (another grid, or the grid or "
             "--set changed). Give the cell another name, or delete that folder to rerun it."
         )
-    if os.path.exists(done):
-        with open(done) as f:
-            return json.load(f)
+    if done.exists():
+        return json.loads(done.read_text())
     start = time.time()
     results = loop.train_and_evaluate(config, workdir)
     if "stopped_at" in results:
@@ -125,7 +125,7 @@ def run_cell(
         "config_digest": digest,
     }
     row.update({k: v for k, v in results.items() if k.endswith("_bpd") or k == "total_bpd_se"})
-    records = [r for r in fileio.read_jsonl(os.path.join(workdir, "metrics.jsonl")) if "loss" in r]
+    records = [r for r in fileio.read_jsonl(fileio.as_path(workdir) / "metrics.jsonl") if "loss" in r]
     if records:
         row["final_train_loss"] = records[-1]["loss"]
     if quality:
@@ -162,15 +162,15 @@ def _fmt(value) -> str:
 def write_tables(rows: list[dict], out: str) -> tuple[str, str]:
     """results.csv (every column) and results.md (the columns that hold a value)."""
     cols = [c for c in COLUMNS if any(c in r for r in rows)]
-    csv_path, md_path = os.path.join(out, "results.csv"), os.path.join(out, "results.md")
-    with open(csv_path, "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=cols, extrasaction="ignore")
-        writer.writeheader()
-        writer.writerows(rows)
+    csv_path, md_path = os.fspath(fileio.as_path(out) / "results.csv"), os.fspath(fileio.as_path(out) / "results.md")
+    table = io.StringIO(newline="")
+    writer = csv.DictWriter(table, fieldnames=cols, extrasaction="ignore")
+    writer.writeheader()
+    writer.writerows(rows)
+    fileio.atomic_write(csv_path, table.getvalue())
     lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
     lines += ["| " + " | ".join(_fmt(r.get(c)) for c in cols) + " |" for r in rows]
-    with open(md_path, "w") as f:
-        f.write("\n".join(lines) + "\n")
+    fileio.atomic_write(md_path, "\n".join(lines) + "\n")
     return csv_path, md_path
 
 
@@ -187,7 +187,7 @@ def plot_vs_step(
     fig, ax = plt.subplots(figsize=(7, 4.5))
     plotted = False
     for name in cells:
-        records = fileio.read_jsonl(os.path.join(cells_dir, name, "metrics.jsonl"))
+        records = fileio.read_jsonl(fileio.as_path(cells_dir) / name / "metrics.jsonl")
         pts = [(r["step"], r[key]) for r in records if np.isfinite(r.get(key, np.nan))]
         if not pts:
             continue
@@ -205,9 +205,7 @@ def plot_vs_step(
     ax.set_title(title, fontsize=10)
     ax.legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return path
+    return plots.save_figure(fig, path)
 
 
 def plot_grid_curves(cells: list[str], cells_dir: str, out: str) -> list[str]:
@@ -216,7 +214,7 @@ def plot_grid_curves(cells: list[str], cells_dir: str, out: str) -> list[str]:
         plot_vs_step(
             cells,
             cells_dir,
-            os.path.join(out, "bpd_vs_step.png"),
+            fileio.as_path(out) / "bpd_vs_step.png",
             "test_bpd_est",
             "test bound [bits/dim]",
             "test bound: lines, 20-strata estimate at each eval; dots, the final bound",
@@ -225,7 +223,7 @@ def plot_grid_curves(cells: list[str], cells_dir: str, out: str) -> list[str]:
         plot_vs_step(
             cells,
             cells_dir,
-            os.path.join(out, "loss_vs_step.png"),
+            fileio.as_path(out) / "loss_vs_step.png",
             "loss",
             "train loss (the logged step's batch)",
             "train loss at each log step",
@@ -253,9 +251,9 @@ def run_grid(
             validate_config(cell_config(grid, name, extra))
         except ConfigError as e:
             raise ConfigError(f"grid cell {name!r}: {e}") from None
-    cells_dir = os.path.join(out, "cells")
-    tables_dir = os.path.join(out, os.path.splitext(os.path.basename(grid_path))[0])
-    os.makedirs(tables_dir, exist_ok=True)
+    cells_dir = os.fspath(fileio.as_path(out) / "cells")
+    tables_dir = os.fspath(fileio.as_path(out) / os.path.splitext(os.path.basename(grid_path))[0])
+    fileio.as_path(tables_dir).mkdir(parents=True, exist_ok=True)
     rows = []
     for i, name in enumerate(names):
         print(f"[{i + 1}/{len(names)}] cell {name}", flush=True)
@@ -269,8 +267,7 @@ def run_grid(
         rows.append(histogram_row(base))
     csv_path, md_path = write_tables(rows, tables_dir)
     curves = plot_grid_curves(names, cells_dir, tables_dir)
-    with open(md_path) as f:
-        print(f.read())
+    print(fileio.read_text(md_path))
     print("wrote " + ", ".join([md_path, csv_path, *curves]))
     return rows
 

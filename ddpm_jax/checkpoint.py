@@ -7,6 +7,11 @@ the latest one; the training manager deletes such leftovers when it starts
 (`cleanup_tmp_directories`). The data stream is a pure function of (seed, step), so the step is
 the data position.
 
+Remote workdirs (gs://...): the manager is keyed by an etils.epath.Path, Orbax writes the arrays
+through TensorStore's gcs driver and, on GCS, marks a finished step with a commit file instead of
+a rename (object stores have no atomic rename); an unfinished step is still never listed. Orbax
+needs google-cloud-storage for gs:// (it asks the bucket's layout when it lists steps).
+
 Many processes: every process calls save / restore at the same steps (Orbax synchronises them).
 The state is saved as host NumPy arrays, identical on every process; Orbax writes replicated
 NumPy arrays from process 0 only and every process reads them back.
@@ -18,12 +23,12 @@ import contextlib
 import errno
 import json
 import logging
-import os
 
 import jax
 import ml_collections
 import numpy as np
 import orbax.checkpoint as ocp
+from etils import epath
 
 from ddpm_jax import configuration, fileio
 from ddpm_jax.errors import CheckpointError
@@ -31,8 +36,13 @@ from ddpm_jax.errors import CheckpointError
 CONFIG_FILE = "config.json"
 
 
-def checkpoint_dir(workdir: str) -> str:
-    return os.path.join(os.path.abspath(workdir), "checkpoints")
+def checkpoint_dir(workdir) -> str:
+    """<workdir>/checkpoints: absolute for a local workdir, the URI itself for a remote one."""
+    return str(checkpoint_path(workdir))
+
+
+def checkpoint_path(workdir) -> epath.Path:
+    return fileio.as_path(workdir) / "checkpoints"
 
 
 def make_manager(workdir: str, max_to_keep: int = 3, *, read_only: bool = False) -> ocp.CheckpointManager:
@@ -45,7 +55,7 @@ def make_manager(workdir: str, max_to_keep: int = 3, *, read_only: bool = False)
     )
     # The handler registered up front lets `item_metadata` read the stored shapes before a restore.
     return ocp.CheckpointManager(
-        checkpoint_dir(workdir), options=options, item_handlers=ocp.StandardCheckpointHandler()
+        checkpoint_path(workdir), options=options, item_handlers=ocp.StandardCheckpointHandler()
     )
 
 
@@ -118,10 +128,10 @@ def disk_full_error(workdir: str, e: BaseException) -> CheckpointError | None:
     """The CheckpointError for a full disk met outside a save (metrics, pictures), None for other errors."""
     if isinstance(e, CheckpointError) or not _is_disk_full(e):
         return None
-    where = checkpoint_dir(workdir)
-    complete = sorted(int(n) for n in os.listdir(where) if n.isdigit()) if os.path.isdir(where) else []
+    where = checkpoint_path(workdir)
+    complete = sorted(int(p.name) for p in where.iterdir() if p.name.isdigit()) if where.is_dir() else []
     name = getattr(e, "filename", None)
-    return _disk_full(os.path.abspath(workdir), f"writing {name}" if name else "writing its logs or pictures", complete)
+    return _disk_full(fileio.display(workdir), f"writing {name}" if name else "writing its logs or pictures", complete)
 
 
 def _path_key(path) -> str:
@@ -174,7 +184,7 @@ def restore_latest(mngr: ocp.CheckpointManager, target):
     if not steps:
         return None
     step, older = steps[-1], steps[:-1]
-    where = os.path.join(str(mngr.directory), str(step))
+    where = str(epath.Path(mngr.directory) / str(step))
     try:
         stored = mngr.item_metadata(step)
     except Exception as e:  # noqa: BLE001 - orbax raises many types for unreadable folders
@@ -216,28 +226,27 @@ def check_compatible(
     ]  # fields both know
     if diffs:
         raise CheckpointError(
-            f"{os.path.abspath(workdir)} holds a run trained with another model or image size: {'; '.join(diffs[:4])}"
-            f"{' ...' if len(diffs) > 4 else ''}. Pass the run's values (see {os.path.join(workdir, CONFIG_FILE)}) "
+            f"{fileio.display(workdir)} holds a run trained with another model or image size: {'; '.join(diffs[:4])}"
+            f"{' ...' if len(diffs) > 4 else ''}. Pass the run's values (see {fileio.as_path(workdir) / CONFIG_FILE}) "
             "to resume it, or train into a new --workdir."
         )
 
 
 def save_config(workdir: str, config: ml_collections.ConfigDict) -> None:
-    fileio.atomic_write(os.path.join(workdir, CONFIG_FILE), config.to_json_best_effort(indent=2))
+    fileio.atomic_write(fileio.as_path(workdir) / CONFIG_FILE, config.to_json_best_effort(indent=2))
 
 
 def load_config(workdir: str, *, required: bool = True) -> ml_collections.ConfigDict | None:
     """The config a run in workdir was started with; None (or CheckpointError if required) if absent."""
-    path = os.path.join(workdir, CONFIG_FILE)
-    if not os.path.exists(path):
+    path = fileio.as_path(workdir) / CONFIG_FILE
+    if not path.exists():
         if not required:
             return None
         raise CheckpointError(
             f"no training run in {workdir!r} ({CONFIG_FILE} is missing): pass the --workdir that train.py wrote to."
         )
     try:
-        with open(path) as f:
-            tree = json.load(f)
+        tree = json.loads(path.read_text())
         if not isinstance(tree, dict):
             raise ValueError(f"it holds {json.dumps(tree)[:40]}, not a JSON object of config sections")
         return ml_collections.ConfigDict(_lists_to_tuples(tree))

@@ -13,7 +13,6 @@ built in for the digits; for another dataset pass your own features to
 from __future__ import annotations
 
 import json
-import os
 import time
 
 import jax
@@ -56,8 +55,8 @@ def evaluate_workdir(
     method.check_sampler(sampler, num_steps, eta)
     steps = train_lib.compile_steps(method, config, bpd_strata=strata)
     weights = train_lib.replicate(run.params)
-    out_dir = os.path.join(workdir, "eval")
-    os.makedirs(out_dir, exist_ok=True)
+    out_dir = fileio.as_path(workdir) / "eval"
+    out_dir.mkdir(parents=True, exist_ok=True)
     result = {"workdir": workdir, "step": run.step, "params": params}
     rng = jax.random.PRNGKey(seed)
     if bpd:
@@ -68,7 +67,7 @@ def evaluate_workdir(
         if "vb_per_t" in numbers:
             plots.plot_vb_terms(
                 numbers.pop("vb_per_t"),
-                os.path.join(out_dir, f"bpd_terms_{params}.png"),
+                out_dir / f"bpd_terms_{params}.png",
                 f"test bound: {numbers['total_bpd']:.3f} bits/dim",
             )
         result.update(numbers, bpd_time_s=time.time() - start, bpd_method=method.bound_description(strata))
@@ -83,11 +82,11 @@ def evaluate_workdir(
             num_steps=num_steps,
             eta=eta,
         )["samples"]
-        result["samples_png"] = plots.save_grid(samples[:100], os.path.join(out_dir, f"samples_{params}.png"))
+        result["samples_png"] = plots.save_grid(samples[:100], out_dir / f"samples_{params}.png")
         result["sampler"] = method.sampler_label(sampler, num_steps)
         result.update(sample_quality(config, samples, seed))
         result["quality_time_s"] = time.time() - start
-    fileio.atomic_write_json(os.path.join(out_dir, f"{params}.json"), result)
+    fileio.atomic_write_json(out_dir / f"{params}.json", result)
     return result
 
 
@@ -116,7 +115,7 @@ def cli_main() -> None:
     )
 
     def main(argv):
-        if not os.path.isdir(_WORKDIR.value):
+        if not fileio.as_path(_WORKDIR.value).is_dir():
             raise ConfigError(f"--workdir={_WORKDIR.value}: no such folder; pass a workdir that train.py wrote.")
         if _BPD.value:  # reading the test split starts TensorFlow: keep it off the GPUs
             from ddpm_jax import data

@@ -7,7 +7,6 @@ finished run. Every process computes (the bound is a collective); process 0 writ
 from __future__ import annotations
 
 import hashlib
-import os
 import time
 
 import jax
@@ -112,14 +111,15 @@ def final_report(config, workdir: str, steps, rstate, test_images, eval_rng, wri
         config.sampling.num_samples,
         num_frames=10,
     )
+    where = fileio.as_path(workdir)
     if is_main:
-        np.savez(os.path.join(workdir, "samples.npz"), samples=out["samples"])  # the arrays before any picture
-        results["samples_png"] = plots.save_grid(out["samples"], os.path.join(workdir, "samples.png"))
+        fileio.save_npz(where / "samples.npz", samples=out["samples"])  # the arrays before any picture
+        results["samples_png"] = plots.save_grid(out["samples"], where / "samples.png")
         writer.write_images(results["step"], {"samples/ema": plots.image_grid(out["samples"])})
         if "frames" in out:  # a method without a chain (the VAE) has none to show
-            results["strip_png"] = plots.save_strip(out["frames"][:, :8], os.path.join(workdir, "denoising_strip.png"))
+            results["strip_png"] = plots.save_strip(out["frames"][:, :8], where / "denoising_strip.png")
             writer.write_images(results["step"], {"samples/denoising_strip": plots.strip_image(out["frames"][:, :8])})
-        plots.plot_curves(writer.records(), ["loss", "test_loss"], os.path.join(workdir, "loss.png"), "training loss")
+        plots.plot_curves(writer.records(), ["loss", "test_loss"], where / "loss.png", "training loss")
     if config.training.final_bpd:
         # The bound costs T network calls per image: one large batch wastes the least on padding.
         bpd_batch = config.training.bpd_batch_size or config.training.batch_size
@@ -134,12 +134,10 @@ def final_report(config, workdir: str, steps, rstate, test_images, eval_rng, wri
         )
         vb_per_t = bpd.pop("vb_per_t", None)
         if is_main and vb_per_t is not None:
-            plots.plot_vb_terms(
-                vb_per_t, os.path.join(workdir, "bpd_terms.png"), f"test bound: {bpd['total_bpd']:.3f} bits/dim"
-            )
+            plots.plot_vb_terms(vb_per_t, where / "bpd_terms.png", f"test bound: {bpd['total_bpd']:.3f} bits/dim")
         writer.write(results["step"], {f"test_{k}": v for k, v in bpd.items()})
         results.update(bpd, bpd_method=steps.method.bound_description(config.training.final_bpd_strata))
     results["wall_time_s"] = time.time() - start_time
     if is_main:
-        fileio.atomic_write_json(os.path.join(workdir, "results.json"), results)
+        fileio.atomic_write_json(where / "results.json", results)
     return results

@@ -10,7 +10,6 @@ What is trained is the config's method (ddpm_jax.methods); evaluation is ddpm_ja
 
 from __future__ import annotations
 
-import os
 import time
 
 import jax
@@ -18,7 +17,7 @@ import ml_collections
 import numpy as np
 from tqdm.auto import tqdm
 
-from ddpm_jax import checkpoint, data, distributed, evaluation, methods, plots, train_lib, workdir_lock
+from ddpm_jax import checkpoint, data, distributed, evaluation, fileio, methods, plots, train_lib, workdir_lock
 from ddpm_jax.errors import CheckpointError, ConfigError, TrainingDiverged
 from ddpm_jax.guards import NonfiniteGuard, StopFlag
 from ddpm_jax.metric_writer import MetricWriter
@@ -101,14 +100,16 @@ def train_and_evaluate(
 
 
 def check_workdir(workdir: str) -> None:
-    """ConfigError for a --workdir that cannot hold a run (a file, or a folder that cannot be made)."""
-    if os.path.exists(workdir) and not os.path.isdir(workdir):
+    """ConfigError for a --workdir that cannot hold a run (a file, or a folder that cannot be made).
+    A remote workdir (gs://...) is a prefix in a bucket: making it checks that the bucket can be reached."""
+    path = fileio.as_path(workdir)
+    if path.exists() and not path.is_dir():
         raise ConfigError(f"--workdir={workdir} is a file, not a folder: pass a new or existing folder.")
     try:
-        os.makedirs(workdir, exist_ok=True)
+        path.mkdir(parents=True, exist_ok=True)
     except OSError as e:
         raise ConfigError(
-            f"--workdir={workdir} cannot be created ({e.strerror}): pass a folder you can write to."
+            f"--workdir={workdir} cannot be created ({e.strerror or e}): pass a folder you can write to."
         ) from None
 
 
@@ -184,7 +185,7 @@ def _train_and_evaluate(config, workdir: str, stop_at_step: int | None, steps, l
                     steps.sample, rstate.ema_params, jax.random.fold_in(eval_rng, step), config.sampling.num_samples
                 )
                 if is_main:
-                    plots.save_grid(grid["samples"], os.path.join(workdir, "samples", f"step_{step:07d}.png"))
+                    plots.save_grid(grid["samples"], fileio.as_path(workdir) / "samples" / f"step_{step:07d}.png")
                     writer.write_images(step, {"samples/ema": plots.image_grid(grid["samples"])})
             if every(step, tr.checkpoint_every, num_steps):
                 checkpoint.save(mngr, train_lib.unreplicate(rstate))

@@ -11,7 +11,7 @@ import json
 import numpy as np
 from etils import epath
 
-from ddpm_jax import configuration, distributed
+from ddpm_jax import configuration, distributed, fileio
 
 METRICS_FILE = "metrics.jsonl"
 TENSORBOARD_DIR = "tensorboard"
@@ -80,8 +80,12 @@ class MetricWriter:
         if not self.active:
             return
         record = {"step": int(step), **{k: float(v) for k, v in scalars.items()}}
-        with self.path.open("a") as f:
-            f.write(json.dumps(record) + "\n")
+        line = json.dumps(record) + "\n"
+        if fileio.is_local(self.path):
+            with self.path.open("a") as f:
+                f.write(line)
+        else:  # object stores have no append (gcsfs silently overwrites): rewrite the whole object
+            self.path.write_text((self.path.read_text() if self.path.exists() else "") + line)
         import tensorflow as tf
 
         with self._tb.as_default():

@@ -1,13 +1,17 @@
-"""Pictures and numbers people look at: image grids, denoising strips, curves, bits/dim plots."""
+"""Pictures and numbers people look at: image grids, denoising strips, curves, bits/dim plots.
+
+Each picture is rendered to PNG bytes in memory and written in one piece through fileio (any path
+that etils.epath knows: a local folder or gs://...)."""
 
 from __future__ import annotations
 
+import io
 import math
-import os
 
 import numpy as np
 from PIL import Image
 
+from ddpm_jax import fileio
 from ddpm_jax.pixels import unscale_images
 
 
@@ -24,17 +28,17 @@ def image_grid(images, ncol: int | None = None, pad: int = 1) -> np.ndarray:
     return grid
 
 
-def save_png(array: np.ndarray, path: str, min_size: int = 512) -> str:
+def save_png(array: np.ndarray, path, min_size: int = 512) -> str:
     """Saves a uint8 image, scaled up with nearest-neighbour so that tiny digits stay visible."""
     scale = max(1, min_size // max(array.shape[:2]))
     img = Image.fromarray(array[..., 0] if array.shape[-1] == 1 else array)
     img = img.resize((array.shape[1] * scale, array.shape[0] * scale), Image.NEAREST)
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    img.save(path)
-    return path
+    buf = io.BytesIO()
+    img.save(buf, format="PNG")
+    return fileio.atomic_write(path, buf.getvalue())
 
 
-def save_grid(images, path: str, ncol: int | None = None) -> str:
+def save_grid(images, path, ncol: int | None = None) -> str:
     return save_png(image_grid(images, ncol), path)
 
 
@@ -45,11 +49,11 @@ def strip_image(frames) -> np.ndarray:
     return image_grid(frames.transpose(1, 0, 2, 3, 4).reshape((f * b,) + frames.shape[2:]), ncol=f)
 
 
-def save_strip(frames, path: str) -> str:
+def save_strip(frames, path) -> str:
     return save_png(strip_image(frames), path)
 
 
-def plot_curves(records: list[dict], keys, path: str, title: str = "") -> str | None:
+def plot_curves(records: list[dict], keys, path, title: str = "") -> str | None:
     """Plots metric curves (log-scale y) against step from metrics.jsonl records."""
     import matplotlib
 
@@ -71,12 +75,10 @@ def plot_curves(records: list[dict], keys, path: str, title: str = "") -> str | 
     ax.set_title(title)
     ax.legend()
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)
 
 
-def plot_vb_terms(vb_per_t, path: str, title: str = "") -> str:
+def plot_vb_terms(vb_per_t, path, title: str = "") -> str:
     """Per-t terms of the bound (bits/dim, log scale): where the bound's mass lies."""
     import matplotlib
 
@@ -89,6 +91,14 @@ def plot_vb_terms(vb_per_t, path: str, title: str = "") -> str:
     ax.set_ylabel("L_t  [bits/dim]")
     ax.set_title(title)
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
+    return save_figure(fig, path)
+
+
+def save_figure(fig, path) -> str:
+    """Writes a matplotlib figure as a PNG to any path and closes it; returns path."""
+    import matplotlib.pyplot as plt
+
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=100)
     plt.close(fig)
-    return path
+    return fileio.atomic_write(path, buf.getvalue())

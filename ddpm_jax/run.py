@@ -10,14 +10,13 @@ Reads without writing (a read-only checkpoint manager), so it is safe beside a r
 from __future__ import annotations
 
 import dataclasses
-import os
 from typing import Any
 
 import jax
 import ml_collections
 import numpy as np
 
-from ddpm_jax import checkpoint, methods, train_lib
+from ddpm_jax import checkpoint, fileio, methods, train_lib
 from ddpm_jax.errors import CheckpointError, ConfigError
 from ddpm_jax.methods import Method
 from ddpm_jax.validation import validate_config
@@ -79,7 +78,7 @@ def load_config(workdir: str) -> ml_collections.ConfigDict:
         validate_config(config, num_devices=1)  # the batch size does not matter here
     except (ConfigError, AttributeError, KeyError) as e:  # a hand-edited or foreign config.json
         raise CheckpointError(
-            f"{os.path.join(workdir, checkpoint.CONFIG_FILE)} is not a usable config ({e}); "
+            f"{fileio.as_path(workdir) / checkpoint.CONFIG_FILE} is not a usable config ({e}); "
             "pass the --workdir that train.py wrote to."
         ) from e
     return config
@@ -104,7 +103,7 @@ def load_run(workdir: str, which: str = "ema") -> Run:
         f"{checkpoint.checkpoint_dir(workdir)} holds no checkpoint: train first "
         f"(python train.py --workdir={workdir}), or pass the --workdir of a trained run."
     )
-    if not os.path.isdir(checkpoint.checkpoint_dir(workdir)):
+    if not checkpoint.checkpoint_path(workdir).is_dir():
         raise no_checkpoint
     target = train_lib.abstract_train_state(method, train_lib.make_optimizer(config), jax.random.PRNGKey(config.seed))
     state = checkpoint.restore_latest(checkpoint.make_manager(workdir, read_only=True), target)

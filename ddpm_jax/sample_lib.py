@@ -7,18 +7,18 @@ import errno
 import os
 
 import jax
-import numpy as np
 
-from ddpm_jax import plots, train_lib
+from ddpm_jax import fileio, plots, train_lib
 from ddpm_jax.errors import ConfigError
 from ddpm_jax.run import load_run
 
 
 def output_paths(out: str | None, workdir: str, seed: int) -> str:
-    """The grid's .png path from --out: a .png path, a bare stem (".png" added) or an existing folder."""
+    """The grid's .png path from --out: a .png path, a bare stem (".png" added) or an existing folder.
+    Paths are local or URIs (gs://...): the string operations here hold for both."""
     if not out:
         return os.path.join(workdir, f"sample_seed{seed}.png")
-    if os.path.isdir(out) or out.endswith(os.sep):
+    if out.endswith(("/", os.sep)) or fileio.as_path(out).is_dir():
         return os.path.join(out, f"sample_seed{seed}.png")
     stem, ext = os.path.splitext(out)
     if ext.lower() not in ("", ".png"):
@@ -47,15 +47,15 @@ def sample_from_workdir(
         raise ConfigError(f"--num must be a whole number >= 1 (how many samples), got {num!r}.")
     png = output_paths(out, workdir, seed)
     if out:  # the default goes into the workdir, which load_run checks
-        folder = os.path.dirname(os.path.abspath(png))
+        folder = fileio.as_path(png).parent
         try:
-            os.makedirs(folder, exist_ok=True)
+            folder.mkdir(parents=True, exist_ok=True)
         except OSError as e:
             why = "a file is in the way" if e.errno in (errno.EEXIST, errno.ENOTDIR) else e.strerror
             raise ConfigError(
                 f"--out={out}: its folder {folder} cannot be created ({why}); pass a path you can write to."
             ) from None
-        if not os.access(folder, os.W_OK):
+        if fileio.is_local(folder) and not os.access(folder, os.W_OK):
             raise ConfigError(f"--out={out}: its folder {folder} is not writable; pass a path you can write to.")
     run = load_run(workdir)
     sampler = sampler or run.method.samplers[0]
@@ -73,7 +73,7 @@ def sample_from_workdir(
         eta=eta,
     )
     stem = os.path.splitext(png)[0]
-    np.savez(stem + ".npz", samples=result["samples"])
+    fileio.save_npz(stem + ".npz", samples=result["samples"])
     paths = [stem + ".npz", plots.save_grid(result["samples"], png)]
     if "frames" in result:
         paths.append(plots.save_strip(result["frames"][:, :8], stem + "_strip.png"))
