@@ -1,7 +1,7 @@
 """Evaluates a trained run: the test bound in bits/dim (all T terms) and sample quality.
 
     python -m ddpm_jax.evaluate --workdir=runs/default [--params=ema|raw] [--num_samples=500]
-        [--sampler=respaced --steps=100] [--nobpd] [--noquality]
+        [--sampler=respaced --steps=100] [--nobpd] [--noquality] [--ode_images=297 --ode_steps=64]
 
 Writes <workdir>/eval/<params>.json (and the per-t plot bpd_terms_<params>.png, the grid of the
 samples scored, samples_<params>.png) and prints the numbers. Sample quality (a Fréchet distance
@@ -36,6 +36,8 @@ def evaluate_workdir(
     seed: int = 0,
     bpd_batch_size: int | None = None,
     strata: int = 0,
+    ode_images: int = 0,
+    ode_steps: int = 64,
 ) -> dict:
     """Scores the latest checkpoint of workdir; returns (and writes) a flat dict of numbers.
 
@@ -71,6 +73,15 @@ def evaluate_workdir(
                 f"test bound: {numbers['total_bpd']:.3f} bits/dim",
             )
         result.update(numbers, bpd_time_s=time.time() - start, bpd_method=method.bound_description(strata))
+    if ode_images:  # the probability-flow ODE NLL of the first ode_images test images (ddpm_jax.ode_eval)
+        from ddpm_jax import ode_eval
+
+        start = time.time()
+        images = evaluation.load_split(config, config.data.eval_split)[:ode_images]
+        result.update(
+            ode_eval.ode_nll_over_images(method, run.params, images, jax.random.fold_in(rng, 2), num_steps=ode_steps)
+        )
+        result["ode_time_s"] = time.time() - start
     if quality:
         start = time.time()
         samples = train_lib.draw_samples(
@@ -114,10 +125,18 @@ def cli_main() -> None:
         "strata", 0, "0: the bound with all T terms; > 0: its stratified estimate.", lower_bound=0
     )
 
+    _ODE = flags.DEFINE_integer(
+        "ode_images",
+        0,
+        "Also the probability-flow ODE NLL of this many test images (0: off; VDM, eps-DDPM).",
+        lower_bound=0,
+    )
+    _ODE_STEPS = flags.DEFINE_integer("ode_steps", 64, "RK4 steps of the ODE NLL.", lower_bound=1)
+
     def main(argv):
         if not fileio.as_path(_WORKDIR.value).is_dir():
             raise ConfigError(f"--workdir={_WORKDIR.value}: no such folder; pass a workdir that train.py wrote.")
-        if _BPD.value:  # reading the test split starts TensorFlow: keep it off the GPUs
+        if _BPD.value or _ODE.value:  # reading the test split starts TensorFlow: keep it off the GPUs
             from ddpm_jax import data
 
             data.hide_gpus_from_tf()
@@ -132,6 +151,8 @@ def cli_main() -> None:
             eta=_ETA.value,
             seed=_SEED.value,
             strata=_STRATA.value,
+            ode_images=_ODE.value,
+            ode_steps=_ODE_STEPS.value,
         )
         print(json.dumps(result, indent=2))
 
