@@ -61,9 +61,9 @@ def evaluate_workdir(
     out_dir.mkdir(parents=True, exist_ok=True)
     result = {"workdir": workdir, "step": run.step, "params": params}
     rng = jax.random.PRNGKey(seed)
+    start = time.time()
+    test_images = evaluation.load_split(config, config.data.eval_split) if bpd or ode_images else None
     if bpd:
-        start = time.time()
-        test_images = evaluation.load_split(config, config.data.eval_split)
         batch = bpd_batch_size or config.training.bpd_batch_size or config.training.batch_size
         numbers = evaluation.evaluate_bpd(steps.bpd, weights, test_images, config, rng, batch_size=batch)
         if "vb_per_t" in numbers:
@@ -77,9 +77,10 @@ def evaluate_workdir(
         from ddpm_jax import ode_eval
 
         start = time.time()
-        images = evaluation.load_split(config, config.data.eval_split)[:ode_images]
         result.update(
-            ode_eval.ode_nll_over_images(method, run.params, images, jax.random.fold_in(rng, 2), num_steps=ode_steps)
+            ode_eval.ode_nll_over_images(
+                method, run.params, test_images[:ode_images], jax.random.fold_in(rng, 2), num_steps=ode_steps
+            )
         )
         result["ode_time_s"] = time.time() - start
     if quality:
