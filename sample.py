@@ -5,8 +5,7 @@ Samplers: `--sampler=ancestral` (all T steps), `--sampler=respaced --steps=100`,
 Writes an .npz and a PNG grid of the samples (EMA params of the latest checkpoint).
 """
 
-from ddpm_jax import cli
-from ddpm_jax.commands import sample
+from ddpm_jax.commands import cli, sample
 
 main = sample.define_flags()
 

@@ -6,8 +6,7 @@ Re-running the same command resumes from the latest checkpoint in --workdir. Mul
 the rest: ddpm_jax/commands/train.py.
 """
 
-from ddpm_jax import cli
-from ddpm_jax.commands import train
+from ddpm_jax.commands import cli, train
 
 _DEFAULT_CONFIG = train.DEFAULT_CONFIG
 main = train.define_flags()

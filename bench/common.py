@@ -1,7 +1,7 @@
 """Shared measurement helpers for bench/run.py (CPU) and bench/gpu_bench.py (GPU).
 
-Only ddpm_jax.train_lib, ddpm_jax.methods, ddpm_jax.sampling, ddpm_jax.schedules and the configs are imported:
-never ddpm_jax.data (tensorflow), so this runs on a machine with JAX/Flax/Optax/chex and the
+Only ddpm_jax.training.train_lib, ddpm_jax.methods, ddpm_jax.core.sampling, ddpm_jax.core.schedules and the configs are imported:
+never ddpm_jax.data.pipeline (tensorflow), so this runs on a machine with JAX/Flax/Optax/chex and the
 ml_collections wheel alone. Every batch is synthetic (uniform in [-1, 1]).
 """
 
@@ -146,11 +146,12 @@ def bench_train(
     Compiles ahead of time (lower + compile, timed), then runs `warmup` untimed and `steps` timed
     steps, each blocked on. Returns throughput, compile time, XLA memory analysis and cost analysis.
     pipelined: also time `steps` steps dispatched back to back with one block at the end, as
-    ddpm_jax.loop runs them (the host enqueues step k+1 while the device runs step k).
+    ddpm_jax.training.loop runs them (the host enqueues step k+1 while the device runs step k).
     trace_dir: profile `trace_steps` pipelined steps there (jax.profiler, with a Perfetto trace), and
       write the compiled step's HLO text beside it.
     """
-    from ddpm_jax import methods, train_lib
+    from ddpm_jax import methods
+    from ddpm_jax.training import train_lib
 
     ndev = jax.local_device_count()
     gb = cfg.training.batch_size
@@ -204,7 +205,7 @@ def bench_train(
             f.write(compiled.as_text())
         extra["trace_steps"] = trace_steps
     host_times = []
-    if host_batch_steps:  # as ddpm_jax.loop feeds it: a fresh host (numpy) batch every step
+    if host_batch_steps:  # as ddpm_jax.training.loop feeds it: a fresh host (numpy) batch every step
         # Explicit device_put with the step's input sharding: calling the pmapped function on a
         # numpy array instead re-compiles the step once (another full compile after this AOT one).
         sharding = batch.sharding
@@ -352,7 +353,7 @@ def bench_sampling(
     between: {"net_call" | "ancestral" | "ddim": fn}; fn runs untimed after each timed repetition of
     that measurement (bench/run.py times PyTorch's counterpart there: both alternate under one load).
     """
-    from ddpm_jax import sampling, schedules
+    from ddpm_jax.core import sampling, schedules
 
     between = between or {}
     model = network(cfg)

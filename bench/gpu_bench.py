@@ -3,7 +3,7 @@
 Measures, for each compute dtype: steps/s, images/s, MFU (model FLOPs over the card's dense
 peak: XLA:GPU's cost analysis misses the cuDNN convolutions, so the FLOPs are XLA:CPU's count of
 the same jitted fwd+bwd, --model-gflops, from bench/run.py), compile time and memory of the pmapped train_step on a synthetic
-device-resident batch (and, for comparison, fed a fresh host batch each step as ddpm_jax.loop
+device-resident batch (and, for comparison, fed a fresh host batch each step as ddpm_jax.training.loop
 does); then ancestral-sampling and DDIM throughput at batch 256. Measured matmul ceilings of the
 card are printed alongside. Results go to --out (JSON, rewritten after every item, so a
 timeout keeps what was done) and a Markdown table is printed last.

@@ -55,4 +55,4 @@ for top in (True, False):
     longest = longest_chain(G)
     print("module-level only" if top else "all imports", len(longest), " -> ".join(longest))
     if not top:
-        print("importers of loop:", sorted(m for m in G if "ddpm_jax.loop" in G[m]))
+        print("importers of loop:", sorted(m for m in G if "ddpm_jax.training.loop" in G[m]))

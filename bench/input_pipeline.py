@@ -1,4 +1,4 @@
-"""Input-pipeline throughput: images per second that data.train_batches delivers, per number of host cores.
+"""Input-pipeline throughput: images per second that pipeline.train_batches delivers, per number of host cores.
 
 32x32x3 uint8 images with random flips, batch 128 (one device), through the real train_batches path:
   memory  -- a synthetic in-memory split of 50,000 images (CIFAR-10's size);
@@ -58,17 +58,17 @@ def _prepare_sources(root: str, n: int) -> None:
 
 def _worker(source: str, cores: int, root: str, seconds: float) -> dict:
     os.sched_setaffinity(0, sorted(os.sched_getaffinity(0))[:cores])  # before TF sizes its thread pools
-    from ddpm_jax import data
+    from ddpm_jax.data import pipeline
 
     if source == "memory":
         images = _synthetic(MEMORY_IMAGES)
     else:
         name = {"tfds": "bench_pictures", "folder": f"folder:{root}/folder"}[source]
         kw = {"data_dir": os.path.join(root, "tfds")} if source == "tfds" else {}
-        images = data.load_images(
+        images = pipeline.load_images(
             name, "train", **kw, process_index=0, process_count=1, image_size=SIZE, channels=3, in_memory=False
         )
-    batches = data.train_batches(images, BATCH, seed=0, random_flip=True, num_local_devices=1, process_count=1)
+    batches = pipeline.train_batches(images, BATCH, seed=0, random_flip=True, num_local_devices=1, process_count=1)
     for _ in range(20):  # warm-up: tracing, AUTOTUNE, the prefetch buffer
         next(batches)
     n, start = 0, time.perf_counter()
@@ -142,7 +142,7 @@ def main() -> None:
         print(f"| {source} | {' | '.join(cells)} |")
     print(f"(waits: share of each step that next() waits when the device takes {DEVICE_IMAGES_PER_SEC:,} img/s)")
     result = {
-        "what": "images/s from data.train_batches: 32x32x3 uint8, random flips, batch 128, float32 out; "
+        "what": "images/s from pipeline.train_batches: 32x32x3 uint8, random flips, batch 128, float32 out; "
         f"paced_*: next()'s wait when each step also takes {BATCH}/{DEVICE_IMAGES_PER_SEC} s of (simulated) device time",
         "host": {
             "cpus": os.cpu_count(),

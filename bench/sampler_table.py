@@ -50,7 +50,7 @@ def run_cell(workdir: str, cell: str, num: int, seed: int, out_dir: str) -> dict
     wall = time.perf_counter() - start
     import numpy as np
 
-    from ddpm_jax import digits_classifier
+    from ddpm_jax.evaluation import digits_classifier
 
     samples = np.load(stem + ".npz")["samples"]
     quality = digits_classifier.digits_sample_quality(samples, seed=seed)

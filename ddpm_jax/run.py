@@ -16,10 +16,11 @@ import jax
 import ml_collections
 import numpy as np
 
-from ddpm_jax import checkpoint, fileio, methods, train_lib
+from ddpm_jax import fileio, methods
 from ddpm_jax.errors import CheckpointError, ConfigError
 from ddpm_jax.methods import Method
-from ddpm_jax.validation import validate_config
+from ddpm_jax.training import checkpoint, train_lib
+from ddpm_jax.training.validation import validate_config
 
 WHICH = ("ema", "raw")
 

@@ -29,7 +29,7 @@ if _FLAG not in os.environ.get("XLA_FLAGS", ""):
 SESSION_DIR = tempfile.mkdtemp(prefix="ddpm_jax_tests_")
 DATA_DIR = os.path.join(SESSION_DIR, "tfds")
 CLASSIFIER_CACHE = os.path.join(SESSION_DIR, "classifier")
-CLASSIFIER_CACHE_ENV = "DDPM_JAX_CACHE"  # ddpm_jax.digits_classifier.CACHE_ENV (checked in session_dirs)
+CLASSIFIER_CACHE_ENV = "DDPM_JAX_CACHE"  # ddpm_jax.evaluation.digits_classifier.CACHE_ENV (checked in session_dirs)
 os.makedirs(DATA_DIR)  # a config.data.data_dir must exist
 os.environ["TFDS_DATA_DIR"] = DATA_DIR
 os.environ[CLASSIFIER_CACHE_ENV] = CLASSIFIER_CACHE
@@ -44,7 +44,7 @@ os.environ.setdefault("JAX_DISABLE_MOST_OPTIMIZATIONS", "1")
 @pytest.fixture(scope="session", autouse=True)
 def session_dirs():
     """The session's temporary folder (see the module docstring), as the code under test sees it."""
-    from ddpm_jax import digits_classifier
+    from ddpm_jax.evaluation import digits_classifier
 
     assert digits_classifier.CACHE_ENV == CLASSIFIER_CACHE_ENV
     assert os.environ["TFDS_DATA_DIR"] == DATA_DIR
@@ -58,9 +58,9 @@ def pytest_unconfigure(config):
 @pytest.fixture(scope="session")
 def data_dir():
     """The session's tfds data_dir (also tfds's default here), with the digits prepared once."""
-    from ddpm_jax import data
+    from ddpm_jax.data import pipeline
 
-    data.load_images("digits", "train", DATA_DIR)
+    pipeline.load_images("digits", "train", DATA_DIR)
     return DATA_DIR
 
 
@@ -74,7 +74,8 @@ def steps_for():
     Pass it to loop.train_and_evaluate(config, workdir, steps=steps_for(config)): each call with a
     new set of steps compiles them again (a minute for the runlocal UNet on this CPU).
     """
-    from ddpm_jax import methods, train_lib
+    from ddpm_jax import methods
+    from ddpm_jax.training import train_lib
 
     cache = collections.OrderedDict()
 

@@ -1,4 +1,4 @@
-"""Float64 references and helpers shared by the tests of ddpm_jax.diffusion (test_diffusion,
+"""Float64 references and helpers shared by the tests of ddpm_jax.core.diffusion (test_diffusion,
 test_likelihood, test_losses, test_bound).
 
 Conventions: images NHWC in [-1, 1]; integer t in 0..T-1 where index t is the lecture's step
@@ -13,7 +13,7 @@ import jax.numpy as jnp
 import numpy as np
 from scipy import stats
 
-from ddpm_jax import schedules as S
+from ddpm_jax.core import schedules as S
 
 LOG2 = math.log(2.0)
 HALF_BIN = 1.0 / 255.0

@@ -1,10 +1,10 @@
 """The run layer's structure, read from the source with ast (and, for what a module drags in at
 import, from a fresh interpreter): which module may depend on which, so the layers stay apart.
 
-- Only the entry points train a model: ddpm_jax.loop is imported by the train command
+- Only the entry points train a model: ddpm_jax.training.loop is imported by the train command
   (ddpm_jax.commands.train, which train.py wraps) and by the ablation runner (which trains its
   cells), by nothing else.
-- ddpm_jax.checkpoint is a leaf of the run layer: it knows no model, method or training step.
+- ddpm_jax.training.checkpoint is a leaf of the run layer: it knows no model, method or training step.
 - Loading and sampling a run (run, sample_lib, evaluate, plots) needs neither TensorFlow nor the
   input pipeline (ddpm_jax.data).
 - What is specific to a method lives in its file in methods/ (and its networks in models/): no
@@ -123,16 +123,22 @@ def _chain(closure: dict, target: str) -> str:
 
 
 def test_only_the_entry_points_import_the_training_loop():
-    importers = sorted(name for name in FILES if project_imports(name).get("ddpm_jax.loop"))
-    assert importers == ["ddpm_jax.ablation", "ddpm_jax.commands.train"], importers  # train.py wraps the latter
+    importers = sorted(name for name in FILES if project_imports(name).get("ddpm_jax.training.loop"))
+    assert importers == ["ddpm_jax.commands.ablate", "ddpm_jax.commands.train"], importers  # train.py wraps the latter
 
 
 # ----------------------------------------------------------------------------- (b) checkpoint is a leaf
 
 
 def test_checkpoint_knows_no_model_method_or_training():
-    closure = import_closure("ddpm_jax.checkpoint")  # lazy imports inside functions included
-    forbidden = ("ddpm_jax.train_lib", "ddpm_jax.loop", "ddpm_jax.methods", "ddpm_jax.models", "ddpm_jax.validation")
+    closure = import_closure("ddpm_jax.training.checkpoint")  # lazy imports inside functions included
+    forbidden = (
+        "ddpm_jax.training.train_lib",
+        "ddpm_jax.training.loop",
+        "ddpm_jax.methods",
+        "ddpm_jax.models",
+        "ddpm_jax.training.validation",
+    )
     bad = [_chain(closure, m) for m in closure if any(m == f or m.startswith(f + ".") for f in forbidden)]
     assert not bad, bad
 
@@ -149,8 +155,8 @@ _PROBE = (
 @pytest.mark.parametrize(
     "modules",
     [
-        ("ddpm_jax.run", "ddpm_jax.sample_lib", "ddpm_jax.plots"),
-        ("ddpm_jax.evaluate",),
+        ("ddpm_jax.run", "ddpm_jax.evaluation.sample_lib", "ddpm_jax.evaluation.plots"),
+        ("ddpm_jax.commands.evaluate",),
     ],
     ids=["run,sample_lib,plots", "evaluate"],
 )
@@ -237,7 +243,7 @@ def test_only_a_methods_own_file_tests_its_name():
     scanned = {
         name: path for name, path in FILES.items() if name not in exempt and not name.startswith("ddpm_jax.models")
     }
-    assert "ddpm_jax.methods" in scanned and "ddpm_jax.loop" in scanned and "train" in scanned
+    assert "ddpm_jax.methods" in scanned and "ddpm_jax.training.loop" in scanned and "train" in scanned
     found = [hit for path in scanned.values() for hit in method_tests(path, set(names))]
     assert not found, "\n".join(found)
     # The check itself finds such tests (in the method files, where they belong).

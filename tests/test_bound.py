@@ -1,4 +1,4 @@
-"""The whole bound: ddpm_jax.diffusion.calc_bpd_loop (all T terms) on data with an analytic optimal
+"""The whole bound: ddpm_jax.core.diffusion.calc_bpd_loop (all T terms) on data with an analytic optimal
 denoiser and term by term, and bpd_estimate (the stratified estimate) against the full loop and
 for unbiasedness."""
 
@@ -20,8 +20,8 @@ from diffusion_refs import (
 )
 from scipy import special, stats
 
-from ddpm_jax import diffusion as D
-from ddpm_jax import schedules as S
+from ddpm_jax.core import diffusion as D
+from ddpm_jax.core import schedules as S
 
 ERRORS = ErrorTable("bound")
 record = ERRORS.record

@@ -26,8 +26,11 @@ import orbax.checkpoint as ocp
 import pytest
 
 from configs import ddpm as ddpm_config
-from ddpm_jax import checkpoint, cli, methods, sample_lib, train_lib, workdir_lock
+from ddpm_jax import methods
+from ddpm_jax.commands import cli
 from ddpm_jax.errors import CheckpointError, ConfigError, WorkdirLocked
+from ddpm_jax.evaluation import sample_lib
+from ddpm_jax.training import checkpoint, train_lib, workdir_lock
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 LIMIT_S = 15.0  # CPU seconds a failing command may use: no compile of the model fits in that
@@ -241,17 +244,17 @@ CASES = [
     # evaluate reads through the same checks
     (
         "evaluate: no folder",
-        ["-m", "ddpm_jax.evaluate", "--workdir={nothing}"],
+        ["-m", "ddpm_jax.commands.evaluate", "--workdir={nothing}"],
         ["--workdir={nothing}: no such folder"],
     ),
     (
         "evaluate: torn config.json",
-        ["-m", "ddpm_jax.evaluate", "--workdir={torn_config}"],
+        ["-m", "ddpm_jax.commands.evaluate", "--workdir={torn_config}"],
         ["{torn_config}/config.json cannot be read"],
     ),
     (
         "evaluate: no checkpoint",
-        ["-m", "ddpm_jax.evaluate", "--workdir={no_checkpoint}"],
+        ["-m", "ddpm_jax.commands.evaluate", "--workdir={no_checkpoint}"],
         ["holds no checkpoint: train first"],
     ),
 ]

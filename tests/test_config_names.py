@@ -9,9 +9,10 @@ import sys
 import pytest
 
 from configs import cifar10
-from ddpm_jax import ablation, cli, configuration
+from ddpm_jax import configuration
+from ddpm_jax.commands import ablate, cli
 from ddpm_jax.errors import ConfigError
-from ddpm_jax.validation import validate_config
+from ddpm_jax.training.validation import validate_config
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SHIPPED = ["cifar10", "ddpm", "hvae", "mnist", "vae", "vdm"]
@@ -108,11 +109,11 @@ def test_the_config_flag_takes_a_variant_and_overrides():
 
 def test_grids_by_name_and_by_path(monkeypatch):
     monkeypatch.chdir(ROOT)
-    assert ablation.load_grid("schedules") == ablation.load_grid("configs/ablations/schedules.py")
-    grid = ablation.load_grid("ddpm_vs_vae")
-    assert grid["base"] == "ddpm" and ablation.cell_config(grid, "vae").method == "vae"
+    assert ablate.load_grid("schedules") == ablate.load_grid("configs/ablations/schedules.py")
+    grid = ablate.load_grid("ddpm_vs_vae")
+    assert grid["base"] == "ddpm" and ablate.cell_config(grid, "vae").method == "vae"
     with pytest.raises(ConfigError, match="no grid named 'schedule'.*did you mean schedules"):
-        ablation.load_grid("schedule")
+        ablate.load_grid("schedule")
 
 
 def test_a_users_config_folder_with_relative_imports(tmp_path):
@@ -161,6 +162,6 @@ def test_every_cell_of_every_shipped_grid_loads_from_another_directory(tmp_path,
     works from any directory, installed or not."""
     monkeypatch.chdir(tmp_path)
     for name in configuration.names("ablations"):
-        grid = ablation.load_grid(name)
+        grid = ablate.load_grid(name)
         for cell in grid["cells"]:
-            assert ablation.cell_config(grid, cell).method in ("ddpm", "vae", "hvae", "vdm"), (name, cell)
+            assert ablate.cell_config(grid, cell).method in ("ddpm", "vae", "hvae", "vdm"), (name, cell)

@@ -1,4 +1,4 @@
-"""Tests for ddpm_jax.data: the digits builder, loading errors, the train and eval streams."""
+"""Tests for ddpm_jax.data.pipeline: the digits builder, loading errors, the train and eval streams."""
 
 import itertools
 
@@ -8,8 +8,9 @@ import pytest
 import tensorflow as tf
 import tensorflow_datasets as tfds
 
-from ddpm_jax import data, pixels
-from ddpm_jax.digits_builder import digits_split_indices
+from ddpm_jax.core import pixels
+from ddpm_jax.data import pipeline
+from ddpm_jax.data.digits_builder import digits_split_indices
 
 DEVICES = 4  # tests/conftest.py forces 4 CPU devices; passed explicitly where it matters
 LEVELS = {round(k * 255 / 16) for k in range(17)}
@@ -23,7 +24,7 @@ def digits_dir(data_dir):
 
 @pytest.fixture(scope="module")
 def digits(digits_dir):
-    load = lambda split: data.load_images("digits", split, digits_dir, 0, 1)  # noqa: E731
+    load = lambda split: pipeline.load_images("digits", split, digits_dir, 0, 1)  # noqa: E731
     return {"train": load("train"), "test": load("test")}
 
 
@@ -78,7 +79,7 @@ def test_digits_match_sklearn(digits, digits_dir):
 
 
 def test_process_shards_partition_the_split(digits, digits_dir):
-    shards = [data.load_images("digits", "train", digits_dir, i, 2) for i in range(2)]
+    shards = [pipeline.load_images("digits", "train", digits_dir, i, 2) for i in range(2)]
     assert [len(s) for s in shards] == [750, 750]
     np.testing.assert_array_equal(np.concatenate(shards), digits["train"])
 
@@ -88,17 +89,17 @@ def test_process_shards_partition_the_split(digits, digits_dir):
 
 def test_unknown_split_lists_available(digits_dir):
     with pytest.raises(ValueError, match=r"'validation'.*\['train', 'test'\]"):
-        data.load_images("digits", "validation", digits_dir, 0, 1)
+        pipeline.load_images("digits", "validation", digits_dir, 0, 1)
 
 
 def test_unknown_dataset(tmp_path):
     with pytest.raises(ValueError, match=r"'no_such_dataset_xyz'.*'digits'"):
-        data.load_images("no_such_dataset_xyz", "train", str(tmp_path), 0, 1)
+        pipeline.load_images("no_such_dataset_xyz", "train", str(tmp_path), 0, 1)
 
 
 def test_unprepared_dataset_without_download(tmp_path):
     with pytest.raises(RuntimeError, match=r"'mnist' is not prepared.*'digits'"):
-        data.load_images("mnist", "train", str(tmp_path), 0, 1, download=False)
+        pipeline.load_images("mnist", "train", str(tmp_path), 0, 1, download=False)
 
 
 def test_failed_download_is_a_clear_runtime_error(tmp_path, monkeypatch):
@@ -107,7 +108,7 @@ def test_failed_download_is_a_clear_runtime_error(tmp_path, monkeypatch):
 
     monkeypatch.setattr(tfds.builder_cls("mnist"), "download_and_prepare", no_network)
     with pytest.raises(RuntimeError, match=r"cannot be downloaded on this machine.*'digits'") as e:
-        data.load_images("mnist", "train", str(tmp_path), 0, 1)
+        pipeline.load_images("mnist", "train", str(tmp_path), 0, 1)
     assert isinstance(e.value.__cause__, ConnectionError)
     assert not list(tmp_path.glob("mnist/*/*.tfrecord*"))
 
@@ -115,7 +116,7 @@ def test_failed_download_is_a_clear_runtime_error(tmp_path, monkeypatch):
 def test_digits_prepared_by_a_concurrent_run_is_used(tmp_path, monkeypatch, digits):
     """Two runs on a fresh data_dir: the other process renames its copy into place first, so this one's final
     rename raises FileExistsError (as tfds does); the copy that is there is used."""
-    from ddpm_jax.digits_builder import Digits
+    from ddpm_jax.data.digits_builder import Digits
 
     real_prepare = Digits.download_and_prepare
 
@@ -124,7 +125,7 @@ def test_digits_prepared_by_a_concurrent_run_is_used(tmp_path, monkeypatch, digi
         raise FileExistsError(f"Cannot rename ... Destination {self.data_path} already exists.")
 
     monkeypatch.setattr(Digits, "download_and_prepare", other_process_wins)
-    images = data.load_images("digits", "test", str(tmp_path), 0, 1)
+    images = pipeline.load_images("digits", "test", str(tmp_path), 0, 1)
     np.testing.assert_array_equal(images, digits["test"])
 
 
@@ -137,8 +138,8 @@ def test_scale_unscale_roundtrip():
     assert x.dtype == np.float32 and x.min() == -1.0 and x.max() == 1.0
     # x / 127.5 - 1 in float32: within an ulp of the float64 value.
     np.testing.assert_allclose(x.ravel(), np.arange(256) / 127.5 - 1.0, rtol=0, atol=6e-8)
-    np.testing.assert_array_equal(data.scale_images(levels), x)  # the pipeline's map: NumPy ...
-    np.testing.assert_array_equal(data.scale_images(tf.constant(levels)).numpy(), x)  # ... and tf
+    np.testing.assert_array_equal(pipeline.scale_images(levels), x)  # the pipeline's map: NumPy ...
+    np.testing.assert_array_equal(pipeline.scale_images(tf.constant(levels)).numpy(), x)  # ... and tf
     np.testing.assert_array_equal(pixels.unscale_images(x), levels)
     np.testing.assert_array_equal(pixels.unscale_images(np.array([-3.0, -1.001, 1.001, 3.0])), [0, 0, 255, 255])
 
@@ -147,20 +148,20 @@ def test_scale_unscale_roundtrip():
 
 
 def test_train_batch_shape_dtype_values(digits):
-    (batch,) = _take(data.train_batches(digits["train"], 32, seed=0, num_local_devices=DEVICES), 1)
+    (batch,) = _take(pipeline.train_batches(digits["train"], 32, seed=0, num_local_devices=DEVICES), 1)
     assert batch.shape == (DEVICES, 8, 8, 8, 1) and batch.dtype == np.float32
     # The first 32 images of epoch 0's documented order, scaled, split over the devices in order.
     order = tf.random.experimental.index_shuffle(tf.range(32, dtype=tf.int64), seed=[0, 0], max_index=1499).numpy()
     expected = pixels.scale_images(digits["train"][order]).reshape(batch.shape)
     np.testing.assert_array_equal(batch, expected)
     # Defaults come from jax.
-    (batch,) = _take(data.train_batches(digits["train"], 8 * jax.local_device_count(), 0), 1)
+    (batch,) = _take(pipeline.train_batches(digits["train"], 8 * jax.local_device_count(), 0), 1)
     assert batch.shape == (jax.local_device_count(), 8, 8, 8, 1)
 
 
 def test_same_seed_same_stream_other_seed_differs(digits):
     stream = lambda seed: _take(  # noqa: E731
-        data.train_batches(digits["train"], 16, seed, num_local_devices=DEVICES), 3
+        pipeline.train_batches(digits["train"], 16, seed, num_local_devices=DEVICES), 3
     )
     a, b, c = stream(1), stream(1), stream(2)
     np.testing.assert_array_equal(np.stack(a), np.stack(b))
@@ -170,8 +171,8 @@ def test_same_seed_same_stream_other_seed_differs(digits):
 @pytest.mark.parametrize("random_flip", [False, True])
 def test_resume_equals_uninterrupted(random_flip):
     images = _synthetic()
-    full = _take(data.train_batches(images, 12, 3, 0, random_flip, DEVICES, 1), 12)
-    resumed = _take(data.train_batches(images, 12, 3, 7, random_flip, DEVICES, 1), 5)
+    full = _take(pipeline.train_batches(images, 12, 3, 0, random_flip, DEVICES, 1), 12)
+    resumed = _take(pipeline.train_batches(images, 12, 3, 7, random_flip, DEVICES, 1), 5)
     np.testing.assert_array_equal(np.stack(resumed), np.stack(full[7:]))
 
 
@@ -179,7 +180,7 @@ def test_resume_equals_uninterrupted(random_flip):
 def test_each_example_once_per_epoch(batch_size):
     images, epochs, seed = _synthetic(), 3, 5
     steps = -(-epochs * 40 // batch_size)
-    batches = _take(data.train_batches(images, batch_size, seed, num_local_devices=DEVICES), steps)
+    batches = _take(pipeline.train_batches(images, batch_size, seed, num_local_devices=DEVICES), steps)
     order = np.concatenate([_decode(b)[0] for b in batches])[: epochs * 40].reshape(epochs, 40)
     for e in range(epochs):
         np.testing.assert_array_equal(np.sort(order[e]), np.arange(40))
@@ -190,8 +191,8 @@ def test_each_example_once_per_epoch(batch_size):
 
 def test_flip_only_when_asked():
     images = _synthetic()
-    plain = _take(data.train_batches(images, 8, 0, 0, False, DEVICES, 1), 10)
-    flipped = _take(data.train_batches(images, 8, 0, 0, True, DEVICES, 1), 10)
+    plain = _take(pipeline.train_batches(images, 8, 0, 0, False, DEVICES, 1), 10)
+    flipped = _take(pipeline.train_batches(images, 8, 0, 0, True, DEVICES, 1), 10)
     assert not np.concatenate([_decode(b)[1] for b in plain]).any()
     flips = np.concatenate([_decode(b)[1] for b in flipped])
     assert 0.2 < flips.mean() < 0.8
@@ -205,11 +206,11 @@ def test_flip_only_when_asked():
 
 def test_batch_not_divisible_by_devices():
     with pytest.raises(ValueError, match="config.training.batch_size"):
-        data.train_batches(_synthetic(), 10, 0, num_local_devices=DEVICES, process_count=1)
+        pipeline.train_batches(_synthetic(), 10, 0, num_local_devices=DEVICES, process_count=1)
     with pytest.raises(ValueError, match="config.training.batch_size"):
-        data.train_batches(_synthetic(), 12, 0, num_local_devices=DEVICES, process_count=2)
+        pipeline.train_batches(_synthetic(), 12, 0, num_local_devices=DEVICES, process_count=2)
     with pytest.raises(ValueError, match="config.training.batch_size"):
-        data.eval_batches(_synthetic(), 6, num_local_devices=DEVICES, process_count=1)
+        pipeline.eval_batches(_synthetic(), 6, num_local_devices=DEVICES, process_count=1)
 
 
 # ----------------------------------------------------------------------------- eval batches
@@ -217,7 +218,7 @@ def test_batch_not_divisible_by_devices():
 
 def test_eval_batches_cover_split_once(digits):
     test = digits["test"]
-    batches = list(data.eval_batches(test, 32, num_local_devices=DEVICES, process_count=1))
+    batches = list(pipeline.eval_batches(test, 32, num_local_devices=DEVICES, process_count=1))
     assert len(batches) == 10  # ceil(297 / 32)
     for images, mask in batches:
         assert images.shape == (DEVICES, 8, 8, 8, 1) and images.dtype == np.float32
@@ -230,12 +231,12 @@ def test_eval_batches_cover_split_once(digits):
 
 def test_eval_batches_num_batches():
     images = _synthetic(n=10)
-    padded = list(data.eval_batches(images, 8, DEVICES, 1, num_batches=3))
+    padded = list(pipeline.eval_batches(images, 8, DEVICES, 1, num_batches=3))
     assert [int(m.sum()) for _, m in padded] == [8, 2, 0]
-    cut = list(data.eval_batches(images, 8, DEVICES, 1, num_batches=1))
+    cut = list(pipeline.eval_batches(images, 8, DEVICES, 1, num_batches=1))
     assert len(cut) == 1 and cut[0][1].all()
 
 
 def test_hide_gpus_from_tf_is_safe():
-    data.hide_gpus_from_tf()
+    pipeline.hide_gpus_from_tf()
     assert not tf.config.get_visible_devices("GPU")

@@ -1,4 +1,4 @@
-"""Tests for image folders, tfds datasets of other sizes and streamed splits (ddpm_jax.data_sources, data)."""
+"""Tests for image folders, tfds datasets of other sizes and streamed splits (ddpm_jax.data.sources, data)."""
 
 import hashlib
 import itertools
@@ -9,8 +9,9 @@ import pytest
 import tensorflow_datasets as tfds
 from PIL import Image
 
-from ddpm_jax import data, data_sources, validation
+from ddpm_jax.data import pipeline, sources
 from ddpm_jax.errors import ConfigError, DataError
+from ddpm_jax.training import validation
 
 SIZE = 8
 SHAPES = [(21, 13), (13, 21), (30, 30), (6, 5), (8, 8), (17, 26), (9, 12), (26, 17)]  # (h, w), mixed
@@ -57,7 +58,7 @@ def folder(tmp_path_factory):
 
 def _load(dataset, split, **kw):
     kw = {"image_size": SIZE, "channels": 3, **kw}
-    return data.load_images(
+    return pipeline.load_images(
         dataset, split, process_index=kw.pop("process_index", 0), process_count=kw.pop("process_count", 1), **kw
     )
 
@@ -67,7 +68,7 @@ def _take(it, n):
 
 
 def _batches(images, n, start_step=0, seed=3):
-    return _take(data.train_batches(images, 4, seed, start_step, True, num_local_devices=2, process_count=1), n)
+    return _take(pipeline.train_batches(images, 4, seed, start_step, True, num_local_devices=2, process_count=1), n)
 
 
 # ----------------------------------------------------------------------------- folders
@@ -87,7 +88,7 @@ def test_folder_split_is_the_path_hash_and_order_is_sorted(folder):
 
 def test_folder_channels_and_right_sized_images(folder):
     root, _ = folder
-    files = data_sources.folder_split_files(root, "train")  # absolute paths, in the order loaded
+    files = sources.folder_split_files(root, "train")  # absolute paths, in the order loaded
     gray, rgb = _load(f"folder:{root}", "train", channels=1), _load(f"folder:{root}", "train")
     for k, f in enumerate(files):
         assert np.abs(gray[k].astype(int) - _expected(f, 1)).max() <= 1, f  # RGB(A) to L as PIL does
@@ -170,7 +171,7 @@ def test_streamed_folder_gives_the_in_memory_batches_and_resumes(folder):
     for a, b in zip(whole[7:], _batches(streamed, 5, start_step=7)):  # resume: the same batches
         np.testing.assert_array_equal(a, b)
     assert not np.array_equal(whole[0], _batches(streamed, 1, seed=4)[0])
-    evals = [list(data.eval_batches(x, 4, 2, 1, num_batches=7)) for x in (memory, streamed)]
+    evals = [list(pipeline.eval_batches(x, 4, 2, 1, num_batches=7)) for x in (memory, streamed)]
     for (a, ma), (b, mb) in zip(*evals):
         np.testing.assert_array_equal(a, b)
         np.testing.assert_array_equal(ma, mb)
@@ -209,7 +210,7 @@ def test_tfds_images_are_fitted(tfds_dir, tmp_path):
     for k in range(9):
         Image.fromarray(images[k]).save(tmp_path / "x.png")
         assert np.abs(loaded[k].astype(int) - _expected(str(tmp_path / "x.png"), 3)).max() <= 1
-    stored = data.load_images("test_pictures_tfrecord", "train", data_dir, 0, 1)  # no size asked: as stored
+    stored = pipeline.load_images("test_pictures_tfrecord", "train", data_dir, 0, 1)  # no size asked: as stored
     np.testing.assert_array_equal(stored, np.stack(images[:9]))
     with pytest.raises(DataError, match=r"has 3-channel images but config.data.channels=1: set config.data.channels=3"):
         _load("test_pictures_tfrecord", "train", data_dir=data_dir, channels=1)
@@ -248,7 +249,7 @@ def test_read_ahead_thread_stops_when_the_stream_is_closed(folder):
         return [t for t in threading.enumerate() if t.name == "train_batches"]
 
     before = len(readers())
-    batches = data.train_batches(_load(f"folder:{folder[0]}", "train"), 4, 0, num_local_devices=2, process_count=1)
+    batches = pipeline.train_batches(_load(f"folder:{folder[0]}", "train"), 4, 0, num_local_devices=2, process_count=1)
     next(batches)
     assert len(readers()) == before + 1
     batches.close()

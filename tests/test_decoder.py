@@ -16,11 +16,13 @@ import pytest
 from scipy.special import ndtr
 
 from configs import ddpm as ddpm_config
-from ddpm_jax import diffusion, methods, schedules, validation
+from ddpm_jax import methods
+from ddpm_jax.core import diffusion, schedules
 from ddpm_jax.errors import ConfigError
 from ddpm_jax.methods import ddpm
 from ddpm_jax.models import learned_schedule
 from ddpm_jax.models.unet import create_model as create_unet
+from ddpm_jax.training import validation
 
 HALF_BIN = 1.0 / 255.0
 LEVELS = np.round(np.linspace(0, 255, 17)).astype(np.int64)  # the digits' 17 grey levels on the 256 bins

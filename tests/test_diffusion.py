@@ -1,4 +1,4 @@
-"""ddpm_jax.diffusion's process: the forward process, its posterior, the conversions between the
+"""ddpm_jax.core.diffusion's process: the forward process, its posterior, the conversions between the
 network's outputs, the reverse process p(x_{t-1} | x_t), eager == jit == pmap, and the input checks;
 against independent float64 NumPy / SciPy references (tests/diffusion_refs.py).
 
@@ -26,8 +26,8 @@ from diffusion_refs import (
 )
 from scipy import integrate, stats
 
-from ddpm_jax import diffusion as D
-from ddpm_jax import schedules as S
+from ddpm_jax.core import diffusion as D
+from ddpm_jax.core import schedules as S
 
 ERRORS = ErrorTable("diffusion")
 record = ERRORS.record

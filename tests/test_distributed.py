@@ -18,7 +18,9 @@ import jax
 import numpy as np
 import pytest
 
-from ddpm_jax import checkpoint, data, evaluation, train_lib
+from ddpm_jax.data import pipeline
+from ddpm_jax.evaluation import report
+from ddpm_jax.training import checkpoint, train_lib
 
 pytestmark = pytest.mark.slow  # two train.py processes
 
@@ -36,8 +38,8 @@ def _reference_params(config, data_dir, compiled, steps):
     )
     rstate = train_lib.replicate(state)
     streams = [
-        data.train_batches(
-            data.load_images("digits", config.data.train_split, data_dir, i, 2),
+        pipeline.train_batches(
+            pipeline.load_images("digits", config.data.train_split, data_dir, i, 2),
             config.training.batch_size,
             config.seed,
             num_local_devices=2,
@@ -107,7 +109,7 @@ def test_two_processes_preempted_resume_and_match_one_process(data_dir, steps_fo
     mngr = checkpoint.make_manager(workdir, read_only=True)
     assert mngr.latest_step() == steps
     saved = mngr.restore(steps)["params"]
-    assert evaluation.params_digest(saved) == digests[0]  # the checkpoint holds what the processes held
+    assert report.params_digest(saved) == digests[0]  # the checkpoint holds what the processes held
     # The same compiled step as test_faults' in-process runs of the micro config.
     reference = _reference_params(config, data_dir, steps_for(config), steps)
     jax.tree_util.tree_map(lambda a, b: np.testing.assert_allclose(a, b, rtol=2e-5, atol=1e-6), saved, reference)

@@ -19,10 +19,14 @@ import jax
 import pytest
 from absl import app, flags
 
-from ddpm_jax import checkpoint, cli, data, distributed, errors, evaluation, loop, methods, sample_lib, train_lib
+from ddpm_jax import errors, methods
+from ddpm_jax.commands import cli
+from ddpm_jax.data import pipeline
 from ddpm_jax.errors import CheckpointError, ConfigError, DataError, UserError
+from ddpm_jax.evaluation import report, sample_lib
 from ddpm_jax.run import load_run
-from ddpm_jax.validation import validate_config
+from ddpm_jax.training import checkpoint, distributed, loop, train_lib
+from ddpm_jax.training.validation import validate_config
 
 
 @pytest.fixture(scope="module")
@@ -53,7 +57,7 @@ CONFIG_CASES = [
     ("lr<0", {"optim.lr": -1e-4}, ["config.optim.lr", "must be > 0, got -0.0001"]),
     ("ema=1", {"training.ema_decay": 1.0}, ["config.training.ema_decay", "must be in [0, 1), got 1.0"]),
     ("ema<0", {"training.ema_decay": -0.1}, ["config.training.ema_decay", "must be in [0, 1), got -0.1"]),
-    ("channels", {"data.channels": 2}, ["config.data.channels", "must be 1 or 3, got 2"]),
+    ("channels", {"pipeline.channels": 2}, ["config.data.channels", "must be 1 or 3, got 2"]),
     ("dropout=1", {"model.dropout": 1.0}, ["config.model.dropout", "must be in [0, 1), got 1.0"]),
     ("dropout<0", {"model.dropout": -0.5}, ["config.model.dropout", "got -0.5"]),
     (
@@ -63,7 +67,7 @@ CONFIG_CASES = [
     ),
     (
         "image vs down-sampling",
-        {"data.image_size": 6, "model.ch_mult": (1, 2, 2)},
+        {"pipeline.image_size": 6, "model.ch_mult": (1, 2, 2)},
         [
             "config.data.image_size=6 is not divisible by 2 ** (len(config.model.ch_mult) - 1) = 4",
             "Use fewer levels in config.model.ch_mult",
@@ -151,7 +155,7 @@ def test_checkpoint_of_another_model_shape(trained, data_dir):
 def test_workdir_of_another_image_size(trained, data_dir, tmp_path):
     workdir = _copy(trained[0], tmp_path)  # conv weights do not depend on the image size: config.json tells
     with pytest.raises(CheckpointError) as info:  # before anything is compiled
-        loop.train_and_evaluate(_config(data_dir, **{"data.image_size": 16}), workdir)
+        loop.train_and_evaluate(_config(data_dir, **{"pipeline.image_size": 16}), workdir)
     message = str(info.value)
     assert "config.data.image_size=8 in the checkpoint, 16 now" in message
     assert "new --workdir" in message and "config.json" in message
@@ -160,15 +164,15 @@ def test_workdir_of_another_image_size(trained, data_dir, tmp_path):
 
 def test_data_errors(data_dir, monkeypatch):
     with pytest.raises(ValueError, match="Unknown dataset 'digitz'.*'digits' is the offline one"):
-        data.load_images("digitz", "train", data_dir)
+        pipeline.load_images("digitz", "train", data_dir)
     with pytest.raises(ValueError, match="Unknown split 'validation' for dataset 'digits'.*available splits"):
-        data.load_images("digits", "validation", data_dir)
+        pipeline.load_images("digits", "validation", data_dir)
     # A dataset that is not here and cannot be downloaded (the real attempt retries for minutes
     # without a network, so it is cut short with download=False; the message is the same).
-    real = data.load_images
-    monkeypatch.setattr(data, "load_images", lambda *a, **k: real(*a, **k, download=False))
+    real = pipeline.load_images
+    monkeypatch.setattr(pipeline, "load_images", lambda *a, **k: real(*a, **k, download=False))
     with pytest.raises(DataError, match="'mnist' is not prepared.*Prepare it on a machine with a network"):
-        evaluation.load_split(_config(data_dir, **{"data.dataset": "mnist"}), "train")
+        report.load_split(_config(data_dir, **{"pipeline.dataset": "mnist"}), "train")
 
 
 def test_sample_errors(trained, tmp_path):

@@ -16,8 +16,9 @@ import jax
 import numpy as np
 import pytest
 
-from ddpm_jax import checkpoint, data, loop, train_lib
+from ddpm_jax.data import pipeline
 from ddpm_jax.errors import TrainingDiverged
+from ddpm_jax.training import checkpoint, loop, train_lib
 
 pytestmark = pytest.mark.slow  # every test here trains, in a subprocess or in-process
 
@@ -107,7 +108,7 @@ def test_kill_anywhere_and_signals_then_resume_exactly(dirs, tmp_path):
 def _cut_short(workdir, step):
     """Turns the complete checkpoint of `step` into what a kill during its write leaves: Orbax's
     temporary folder (renamed to <step> only once complete) holding part of the array data and none
-    of the metadata or commit markers, which are written after the data."""
+    of the metadata or commit markers, which are written after the pipeline."""
     where = os.path.join(workdir, "checkpoints")
     half = os.path.join(where, f"{step}{ORBAX_TMP_SUFFIX}")
     os.rename(os.path.join(where, str(step)), half)
@@ -150,13 +151,13 @@ def test_nonfinite_guard_stops_with_last_good_state(data_dir, steps_for, tmp_pat
     config = fu.micro_config(data_dir)  # max_nonfinite_steps=3
     steps = steps_for(config)
     good_steps = 2
-    real_batches = data.train_batches
+    real_batches = pipeline.train_batches
 
     def poisoned(images, *args, start_step=0, **kwargs):  # NaN images from step 3 on ("bad data")
         for step, batch in enumerate(real_batches(images, *args, start_step=start_step, **kwargs), start_step + 1):
             yield batch if step <= good_steps else np.full_like(batch, np.nan)
 
-    monkeypatch.setattr(data, "train_batches", poisoned)
+    monkeypatch.setattr(pipeline, "train_batches", poisoned)
     workdir = str(tmp_path / "nan")
     with pytest.raises(TrainingDiverged) as info:
         loop.train_and_evaluate(config, workdir, steps=steps)
@@ -167,7 +168,7 @@ def test_nonfinite_guard_stops_with_last_good_state(data_dir, steps_for, tmp_pat
     assert "low precision" in message and "max_nonfinite_steps" in message
     assert os.path.join(workdir, "checkpoints") in message
 
-    monkeypatch.setattr(data, "train_batches", real_batches)
+    monkeypatch.setattr(pipeline, "train_batches", real_batches)
     good = str(tmp_path / "good")
     assert loop.train_and_evaluate(config, good, stop_at_step=good_steps, steps=steps)["stopped_at"] == good_steps
     target = train_lib.abstract_train_state(steps.method, train_lib.make_optimizer(config), jax.random.PRNGKey(0))
@@ -202,21 +203,21 @@ def test_sigint_saves_and_a_second_one_interrupts(data_dir, steps_for, tmp_path,
     request.addfinalizer(lambda: signal.signal(signal.SIGINT, inherited))
     config = fu.micro_config(data_dir)
     steps = steps_for(config)  # the compiled steps of the tests above
-    real = data.train_batches
+    real = pipeline.train_batches
     workdir = str(tmp_path / "int")
-    monkeypatch.setattr(data, "train_batches", _signalling_batches(real, 3))
+    monkeypatch.setattr(pipeline, "train_batches", _signalling_batches(real, 3))
     out = loop.train_and_evaluate(config, workdir, steps=steps)
     assert out == {"stopped_at": 3, "signal": "SIGINT", "checkpoint_dir": os.path.join(workdir, "checkpoints")}
     assert fu.committed_steps(workdir) == [2, 3]
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # handlers given back
 
     # Ctrl-C twice: the second one interrupts at once; the checkpoints already written stay.
-    monkeypatch.setattr(data, "train_batches", _signalling_batches(real, 6, times=2))
+    monkeypatch.setattr(pipeline, "train_batches", _signalling_batches(real, 6, times=2))
     with pytest.raises(KeyboardInterrupt):
         loop.train_and_evaluate(config, workdir, steps=steps)
     assert fu.committed_steps(workdir) == [2, 3, 4]  # none at 6: interrupted before that step
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
-    monkeypatch.setattr(data, "train_batches", real)
+    monkeypatch.setattr(pipeline, "train_batches", real)
     assert loop.train_and_evaluate(config, workdir, stop_at_step=6, steps=steps) == {
         "stopped_at": 6,
         "signal": "stop_at_step=6",

@@ -1,4 +1,4 @@
-"""The hierarchical VAE (ddpm_jax.hvae, ddpm_jax.models.hvae, the "hvae" method) against float64
+"""The hierarchical VAE (ddpm_jax.core.hvae, ddpm_jax.models.hvae, the "hvae" method) against float64
 NumPy / SciPy references and an exactly solvable linear-Gaussian hierarchy.
 
 The references are written from the lecture's Markovian HVAE (shared/seeds/000_*.txt) and the
@@ -19,12 +19,13 @@ import pytest
 from scipy import stats
 
 from configs import hvae as hvae_config
-from ddpm_jax import hvae as H
-from ddpm_jax import methods, train_lib, validation
-from ddpm_jax import vae as V
+from ddpm_jax import methods
+from ddpm_jax.core import hvae as H
+from ddpm_jax.core import vae as V
 from ddpm_jax.errors import ConfigError
 from ddpm_jax.models.hvae import create_hvae, hvae_latent_shape_of
 from ddpm_jax.models.vae import create_vae
+from ddpm_jax.training import train_lib, validation
 
 LOG2 = math.log(2.0)
 HALF_BIN = 1.0 / 255.0

@@ -15,9 +15,11 @@ import pytest
 from jax.flatten_util import ravel_pytree
 
 from configs import ddpm as ddpm_config
-from ddpm_jax import diffusion, methods, schedules, validation
+from ddpm_jax import methods
+from ddpm_jax.core import diffusion, schedules
 from ddpm_jax.methods.ddpm import log_snr_condition
 from ddpm_jax.models import learned_schedule
+from ddpm_jax.training import validation
 
 T = 8
 GAMMA_0, GAMMA_1 = learned_schedule.initial_gamma_range(T, "linear")

@@ -1,4 +1,4 @@
-"""ddpm_jax.diffusion's likelihood terms against float64 SciPy: the Gaussian KL, the discretized
+"""ddpm_jax.core.diffusion's likelihood terms against float64 SciPy: the Gaussian KL, the discretized
 decoder p(x_0 | x_1), the per-step terms of the bound in bits/dim and the prior term."""
 
 import math
@@ -20,8 +20,8 @@ from diffusion_refs import (
 )
 from scipy import integrate, stats
 
-from ddpm_jax import diffusion as D
-from ddpm_jax import schedules as S
+from ddpm_jax.core import diffusion as D
+from ddpm_jax.core import schedules as S
 
 ERRORS = ErrorTable("likelihood")
 record = ERRORS.record

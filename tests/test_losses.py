@@ -1,4 +1,4 @@
-"""ddpm_jax.diffusion.training_losses against the lecture's weighted MSE and float64 KLs: the
+"""ddpm_jax.core.diffusion.training_losses against the lecture's weighted MSE and float64 KLs: the
 "weighted", "vlb", "simple" and "hybrid" losses of every parameterization and variance."""
 
 import chex
@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 from diffusion_refs import BIN_CENTRES, LOG2, ErrorTable, b4, f64, linear_model, rand_batch, var_model, vp64
 
-from ddpm_jax import diffusion as D
-from ddpm_jax import schedules as S
+from ddpm_jax.core import diffusion as D
+from ddpm_jax.core import schedules as S
 
 ERRORS = ErrorTable("losses")
 record = ERRORS.record

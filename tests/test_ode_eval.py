@@ -1,4 +1,4 @@
-"""ddpm_jax.ode_eval: a run's probability-flow NLL over images, in batches, with its standard error.
+"""ddpm_jax.evaluation.ode_eval: a run's probability-flow NLL over images, in batches, with its standard error.
 
 A stand-in method whose flow is the exact Bayes denoiser of an independent-pixel histogram: its ODE
 NLL is that histogram's NLL up to the decoder's small slack (tests/test_ode_likelihood.py bounds it
@@ -9,8 +9,9 @@ images, whatever the batch size (the last batch is padded).
 import numpy as np
 import pytest
 
-from ddpm_jax import ode_eval, vdm
+from ddpm_jax.core import vdm
 from ddpm_jax.errors import ConfigError
+from ddpm_jax.evaluation import ode_eval
 
 KS = np.array([40, 100, 127, 128, 220])
 P = np.array([0.1, 0.3, 0.15, 0.25, 0.2])

@@ -1,4 +1,4 @@
-"""ddpm_jax.likelihood (probability-flow ODE NLL) against closed forms, without a network.
+"""ddpm_jax.core.likelihood (probability-flow ODE NLL) against closed forms, without a network.
 
 - Gaussian data x ~ N(m, S) in D = 16 dims (S full, so the denoiser's Jacobian is not diagonal and
   Hutchinson's estimate has a spread): the exact eps_hat = E[eps | z_t] is linear in z_t, the flow
@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 from scipy import integrate, special
 
-from ddpm_jax import likelihood, schedules, vdm
+from ddpm_jax.core import likelihood, schedules, vdm
 
 G0, G1 = vdm.GAMMA_MIN, vdm.GAMMA_MAX
 V = np.arange(256) / 127.5 - 1.0

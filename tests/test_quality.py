@@ -1,10 +1,10 @@
-"""Tests for ddpm_jax.quality (Fréchet distance, classifier score) and the digits classifier."""
+"""Tests for ddpm_jax.core.quality (Fréchet distance, classifier score) and the digits classifier."""
 
 import numpy as np
 import pytest
 
-from ddpm_jax import digits_classifier as dc
-from ddpm_jax import quality
+from ddpm_jax.core import quality
+from ddpm_jax.evaluation import digits_classifier as dc
 
 # ----------------------------------------------------------------------------- Fréchet distance
 
@@ -118,11 +118,11 @@ def classifier(cache_dir):
 
 
 def test_digits_split_matches_tfds():
-    from ddpm_jax import data
+    from ddpm_jax.data import pipeline
 
     images, labels = dc.digits_split("test")
     assert images.shape == (297, 8, 8, 1) and labels.shape == (297,)
-    np.testing.assert_array_equal(images, data.scale_images(data.load_images("digits", "test")))
+    np.testing.assert_array_equal(images, pipeline.scale_images(pipeline.load_images("digits", "test")))
     assert set(np.unique(labels)) == set(range(10))
 
 

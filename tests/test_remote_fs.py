@@ -28,7 +28,9 @@ import pytest
 from etils import epath
 from fault_utils import micro_config
 
-from ddpm_jax import fileio, loop, plots, workdir_lock
+from ddpm_jax import fileio
+from ddpm_jax.evaluation import plots
+from ddpm_jax.training import loop, workdir_lock
 
 BUCKET = "ddpm-test"
 _CLOSED = "127.0.0.1:9"  # discard port, nothing listens: a client that ignores our endpoints fails locally
@@ -148,7 +150,8 @@ def test_lock_on_the_bucket(gcs):
 def test_train_resume_load_and_sample_on_the_bucket(gcs, data_dir, steps_for, tmp_path, monkeypatch):
     import tensorflow as tf
 
-    from ddpm_jax import load_run, sample_lib
+    from ddpm_jax import load_run
+    from ddpm_jax.evaluation import sample_lib
 
     asked = []
     local_writer = tf.summary.create_file_writer

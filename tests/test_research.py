@@ -17,22 +17,15 @@ import pytest
 
 from configs import ddpm as ddpm_config
 from configs import vae as vae_config
-from ddpm_jax import (
-    ablation,
-    baselines,
-    checkpoint,
-    configuration,
-    data,
-    evaluate,
-    evaluation,
-    fileio,
-    loop,
-    methods,
-    train_lib,
-)
+from ddpm_jax import configuration, fileio, methods
+from ddpm_jax.commands import ablate, evaluate
+from ddpm_jax.core import baselines
+from ddpm_jax.data import pipeline
 from ddpm_jax.errors import ConfigError
+from ddpm_jax.evaluation import report
 from ddpm_jax.models import learned_schedule
 from ddpm_jax.run import load_run
+from ddpm_jax.training import checkpoint, loop, train_lib
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 GRID = """
@@ -63,7 +56,7 @@ def sweep(tmp_path_factory, data_dir, steps_for):
             lambda config, workdir, **kw: train(config, workdir, steps=steps_for(config), **kw),
         )
         grid = _write_grid(tmp / "grid.py")
-        rows = ablation.run_grid(grid, str(tmp / "out"), num_samples=16)
+        rows = ablate.run_grid(grid, str(tmp / "out"), num_samples=16)
     return grid, str(tmp / "out"), rows
 
 
@@ -76,7 +69,7 @@ def test_histogram_baseline_against_a_hand_count(data_dir):
     with pytest.raises(ValueError, match="never takes"):
         baselines.pixel_histogram_bpd(train, np.full((1, 1, 2, 1), 8, np.uint8))
     digits = baselines.pixel_histogram_bpd(
-        data.load_images("digits", "train", data_dir), data.load_images("digits", "test", data_dir)
+        pipeline.load_images("digits", "train", data_dir), pipeline.load_images("digits", "test", data_dir)
     )
     assert 2.0 < digits < 2.8, digits  # the issue's "about 2.4"
 
@@ -106,15 +99,15 @@ def test_ablation_grid_writes_the_table_and_resumes_without_retraining(sweep, mo
 
     monkeypatch.setattr(loop, "train_and_evaluate", no_training)
     monkeypatch.chdir(ROOT)
-    again = ablation.run_grid(grid, out, num_samples=16)
+    again = ablate.run_grid(grid, out, num_samples=16)
     assert [r["cell"] for r in again] == [r["cell"] for r in rows]
     assert again[0]["total_bpd"] == ddpm["total_bpd"]
     # The same cell name with another config is refused, not silently reused.
     other = _write_grid(pathlib.Path(grid).parent / "other.py", cell='{"diffusion.schedule": "cosine"}')
     with pytest.raises(ConfigError, match="another config"):
-        ablation.run_grid(other, out, num_samples=16)
+        ablate.run_grid(other, out, num_samples=16)
     with pytest.raises(ConfigError, match="unknown config field"):
-        ablation.cell_config({"base": "configs/ddpm.py:runlocal", "cells": {"x": {"model.chanels": 4}}}, "x")
+        ablate.cell_config({"base": "configs/ddpm.py:runlocal", "cells": {"x": {"model.chanels": 4}}}, "x")
 
 
 @pytest.mark.slow
@@ -128,8 +121,8 @@ def test_evaluate_scores_a_workdir_and_training_lowers_the_bound(sweep, steps_fo
     # The bound of an untrained model is finite and far above that of the (briefly) trained cell.
     run = load_run(workdir)
     steps = steps_for(run.config)  # the cell's compiled steps, reused
-    test_images = evaluation.load_split(run.config, "test")[:32]
-    bpd = lambda params: evaluation.evaluate_bpd(
+    test_images = report.load_split(run.config, "test")[:32]
+    bpd = lambda params: report.evaluate_bpd(
         steps.bpd, train_lib.replicate(params), test_images, run.config, jax.random.PRNGKey(0)
     )["total_bpd"]
     untrained = bpd(
@@ -200,5 +193,5 @@ def test_sampler_choices_are_checked_with_the_fix():
 def test_checkpointed_config_digest_is_stable(sweep):
     _, out, _ = sweep
     workdir = os.path.join(out, "cells", "ddpm")
-    row = json.load(open(os.path.join(workdir, ablation.CELL_FILE)))
+    row = json.load(open(os.path.join(workdir, ablate.CELL_FILE)))
     assert configuration.digest(checkpoint.load_config(workdir)) == row["config_digest"]

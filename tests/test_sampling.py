@@ -18,8 +18,8 @@ import numpy as np
 import pytest
 from scipy import stats
 
-from ddpm_jax import sampling
-from ddpm_jax.schedules import make_schedule
+from ddpm_jax.core import sampling
+from ddpm_jax.core.schedules import make_schedule
 
 M, S = 0.3, 0.2
 T = 200

@@ -1,4 +1,4 @@
-"""ddpm_jax.schedules against independent float64 NumPy formulas.
+"""ddpm_jax.core.schedules against independent float64 NumPy formulas.
 
 Every reference here is written from the papers / the lecture, not taken from the library:
 Ho et al. 2020 (linear, quadratic, sigmoid ranges of the original code), Nichol & Dhariwal 2021
@@ -13,7 +13,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from ddpm_jax import schedules as S
+from ddpm_jax.core import schedules as S
 
 # --- error bookkeeping for the release note (printed with `pytest -s`) -----------------------
 ERRORS: dict = {}

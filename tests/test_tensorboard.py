@@ -14,8 +14,9 @@ from tensorboard.plugins.hparams import metadata as hparams_metadata
 from tensorboard.util import tensor_util
 
 from configs import ddpm as ddpm_config
-from ddpm_jax import distributed, loop, plots
-from ddpm_jax.metric_writer import MetricWriter, hparams
+from ddpm_jax.evaluation import plots
+from ddpm_jax.training import distributed, loop
+from ddpm_jax.training.metric_writer import MetricWriter, hparams
 
 SESSION_TAG = hparams_metadata.SESSION_START_INFO_TAG
 

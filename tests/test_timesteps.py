@@ -1,4 +1,4 @@
-"""Timestep samplers (ddpm_jax.timesteps) against independent NumPy implementations of their docstrings.
+"""Timestep samplers (ddpm_jax.core.timesteps) against independent NumPy implementations of their docstrings.
 
 The importance sampler (Nichol & Dhariwal 2021, sec. 3.3) draws t with p_t proportional to
 sqrt(E[L_t^2]) over the last K losses seen at t (mixed with 1e-3 of uniform), once every t has K
@@ -10,7 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from ddpm_jax import timesteps
+from ddpm_jax.core import timesteps
 
 T, K = 10, 4
 UNIFORM_PROB = 1e-3

@@ -18,7 +18,10 @@ import pytest
 from PIL import Image
 
 from configs import ddpm as ddpm_config
-from ddpm_jax import checkpoint, data, loop, methods, plots, train_lib
+from ddpm_jax import methods
+from ddpm_jax.data import pipeline
+from ddpm_jax.evaluation import plots
+from ddpm_jax.training import checkpoint, loop, train_lib
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -34,7 +37,7 @@ def tiny_config(data_dir, **training):
 
 @pytest.fixture(scope="module")
 def train_images(data_dir):
-    return data.load_images("digits", "train", data_dir)
+    return pipeline.load_images("digits", "train", data_dir)
 
 
 @pytest.fixture(scope="module")
@@ -50,7 +53,7 @@ def setup(data_dir, steps_for):
 def test_one_step_same_update_on_1_and_4_devices(setup, train_images):
     config, state, steps = setup
     assert jax.local_device_count() == 4
-    batch4 = next(data.train_batches(train_images, 8, seed=0))  # [4, 2, 8, 8, 1]
+    batch4 = next(pipeline.train_batches(train_images, 8, seed=0))  # [4, 2, 8, 8, 1]
     new4, m4 = steps.train(train_lib.replicate(state), jnp.asarray(batch4))
     # The same global batch on one device, through the same pure step.
     p_train1 = jax.pmap(
@@ -74,7 +77,7 @@ def test_one_step_same_update_on_1_and_4_devices(setup, train_images):
 def test_loss_falls_on_digits(setup, train_images):
     config, state, steps = setup
     rstate = train_lib.replicate(state)
-    batches = data.train_batches(train_images, 8, seed=0)
+    batches = pipeline.train_batches(train_images, 8, seed=0)
     losses = []
     for _ in range(60):
         rstate, metrics = steps.train(rstate, next(batches))

@@ -1,4 +1,4 @@
-"""The VAE baseline (ddpm_jax.vae, ddpm_jax.models.vae) against float64 NumPy / SciPy references.
+"""The VAE baseline (ddpm_jax.core.vae, ddpm_jax.models.vae) against float64 NumPy / SciPy references.
 
 The references are written from the lecture (shared/seeds/000_*.txt, VAE part) and Kingma &
 Welling 2014, never by calling the library's maths: the Gaussian KL in its trace / log-det form and
@@ -17,9 +17,9 @@ import optax
 import pytest
 from scipy import stats
 
-from ddpm_jax import pixels
-from ddpm_jax import vae as V
-from ddpm_jax.digits_builder import digits_split_indices, digits_uint8
+from ddpm_jax.core import pixels
+from ddpm_jax.core import vae as V
+from ddpm_jax.data.digits_builder import digits_split_indices, digits_uint8
 from ddpm_jax.models.vae import LOG_SCALE_MIN, VAE, create_vae
 
 LOG2 = math.log(2.0)

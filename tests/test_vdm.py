@@ -1,4 +1,4 @@
-"""ddpm_jax.vdm (continuous-time VDM) against float64 NumPy / SciPy references and exact bounds.
+"""ddpm_jax.core.vdm (continuous-time VDM) against float64 NumPy / SciPy references and exact bounds.
 
 The key check: for sklearn's digits, the independent-pixel histogram's exact Bayes denoiser plugged
 into bound_bpd gives the histogram's own test NLL, up to the bound's known slack (the 256-bin
@@ -14,8 +14,8 @@ import numpy as np
 import pytest
 from scipy import integrate, special, stats
 
-from ddpm_jax import vdm
-from ddpm_jax.digits_builder import digits_split_indices, digits_uint8
+from ddpm_jax.core import vdm
+from ddpm_jax.data.digits_builder import digits_split_indices, digits_uint8
 from ddpm_jax.models.learned_schedule import MonotoneGamma
 
 G0, G1 = vdm.GAMMA_MIN, vdm.GAMMA_MAX

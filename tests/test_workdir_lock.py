@@ -15,7 +15,8 @@ import time
 
 import pytest
 
-from ddpm_jax import errors, workdir_lock
+from ddpm_jax import errors
+from ddpm_jax.training import workdir_lock
 
 _REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

@@ -10,7 +10,8 @@ from __future__ import annotations
 
 from absl import flags
 
-from ddpm_jax import cli, methods
+from ddpm_jax import methods
+from ddpm_jax.commands import cli
 
 
 def define_flags():
@@ -36,7 +37,7 @@ def define_flags():
     eta = flags.DEFINE_float("eta", 0.0, "DDIM eta in [0, 1]: 0 deterministic, 1 ancestral-like.")
 
     def main(argv):
-        from ddpm_jax.sample_lib import sample_from_workdir
+        from ddpm_jax.evaluation.sample_lib import sample_from_workdir
 
         paths = sample_from_workdir(
             workdir.value, num.value, seed.value, out.value, strip.value, sampler.value, steps.value, eta.value

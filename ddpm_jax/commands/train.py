@@ -17,7 +17,7 @@ import sys
 
 from absl import flags
 
-from ddpm_jax import cli
+from ddpm_jax.commands import cli
 
 DEFAULT_CONFIG = "vdm"
 
@@ -39,18 +39,19 @@ def define_flags():
         return str(pid).strip() == "0" or (pid == "" and not auto.value)
 
     def main(argv):
-        from ddpm_jax import workdir_lock
+        from ddpm_jax.training import workdir_lock
 
         workdir = workdir_flag.value
         if is_process_0():  # a live run in --workdir: refuse now, not after JAX and TensorFlow have loaded
             workdir_lock.check(workdir)
-        from ddpm_jax import distributed
+        from ddpm_jax.training import distributed
 
         # before anything touches a device
         distributed.initialize(coordinator.value, num_processes.value, process_id.value, auto=auto.value)
-        from ddpm_jax import data, loop
+        from ddpm_jax.data import pipeline
+        from ddpm_jax.training import loop
 
-        data.hide_gpus_from_tf()
+        pipeline.hide_gpus_from_tf()
         try:
             results = loop.train_and_evaluate(config_flag.value, workdir)
         except KeyboardInterrupt:

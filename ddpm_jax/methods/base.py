@@ -107,7 +107,7 @@ class Method(abc.ABC):
         return "exact"
 
     def probability_flow(self, params: Params):
-        """(gamma_fn, eps_fn) on t in [0, 1] for `ddpm_jax.likelihood`'s probability-flow ODE, or None
+        """(gamma_fn, eps_fn) on t in [0, 1] for `ddpm_jax.core.likelihood`'s probability-flow ODE, or None
         where the method has no such flow (a VAE; a DDPM whose network does not predict eps alone)."""
         return None
 

@@ -21,7 +21,8 @@ import ml_collections
 import numpy as np
 from absl import logging
 
-from ddpm_jax import checks, diffusion, likelihood, sampling, schedules, timesteps
+from ddpm_jax import checks
+from ddpm_jax.core import diffusion, likelihood, sampling, schedules, timesteps
 from ddpm_jax.errors import ConfigError
 from ddpm_jax.methods.base import Method, example_noise
 from ddpm_jax.models import learned_schedule

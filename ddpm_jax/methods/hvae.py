@@ -1,6 +1,6 @@
 """The hierarchical VAE (the lecture's Markovian HVAE, the bridge from the VAE to the DDPM): L
 Gaussian latent levels, bottom-up inference, the DDPM's discretized decoder, so its negative ELBO
-sits beside the VAE's and the diffusion bound in bits/dim. Maths in ddpm_jax.hvae, network in
+sits beside the VAE's and the diffusion bound in bits/dim. Maths in ddpm_jax.core.hvae, network in
 ddpm_jax.models.hvae."""
 
 from __future__ import annotations
@@ -8,7 +8,7 @@ from __future__ import annotations
 import jax.numpy as jnp
 import ml_collections
 
-from ddpm_jax import hvae
+from ddpm_jax.core import hvae
 from ddpm_jax.errors import ConfigError
 from ddpm_jax.methods.base import Method, example_noise
 from ddpm_jax.models.hvae import create_hvae

@@ -6,7 +6,7 @@ from __future__ import annotations
 import jax.numpy as jnp
 import ml_collections
 
-from ddpm_jax import vae
+from ddpm_jax.core import vae
 from ddpm_jax.errors import ConfigError
 from ddpm_jax.methods.base import Method, example_noise
 from ddpm_jax.models.vae import create_vae

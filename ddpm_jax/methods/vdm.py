@@ -1,6 +1,6 @@
 """Continuous-time VDM (Kingma et al. 2021) as a method: a learned monotone gamma(t) = -log SNR(t)
 with learned endpoints, the UNet predicting eps from z_t, its Fourier features and the normalised
-gamma, and the bound of ddpm_jax.vdm (256-bin decoder, continuous diffusion loss, exact prior)."""
+gamma, and the bound of ddpm_jax.core.vdm (256-bin decoder, continuous diffusion loss, exact prior)."""
 
 from __future__ import annotations
 
@@ -9,7 +9,8 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
-from ddpm_jax import checks, vdm
+from ddpm_jax import checks
+from ddpm_jax.core import vdm
 from ddpm_jax.errors import ConfigError
 from ddpm_jax.methods.base import Method, example_noise
 from ddpm_jax.models.learned_schedule import MonotoneGamma

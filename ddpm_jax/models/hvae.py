@@ -16,7 +16,7 @@ nothing structurally.
 Level 1 (q(z_1 | x) and p(x | z_1)) *is* a `ddpm_jax.models.vae.VAE` (its encoder and decoder,
 parameters under "vae"): with num_levels = 1 the model is the VAE baseline, parameter for
 parameter. Each further level adds two Gaussian MLPs: "posterior_{l}" for q(z_l | z_{l-1}),
-l = 2..L, and "prior_{l}" for p(z_l | z_{l+1}), l = 1..L-1. The losses live in `ddpm_jax.hvae`;
+l = 2..L, and "prior_{l}" for p(z_l | z_{l+1}), l = 1..L-1. The losses live in `ddpm_jax.core.hvae`;
 this module is only the network, and keeps no randomness of its own (the caller passes the
 reparameterization noise).
 """

@@ -22,7 +22,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ddpm_jax import schedules
+from ddpm_jax.core import schedules
 
 LEARNED = "learned"  # the config.diffusion.schedule value that selects it
 

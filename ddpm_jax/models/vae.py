@@ -2,9 +2,9 @@
 
 Encoder q(z|x) = N(mean(x), diag exp(logvar(x))), prior p(z) = N(0, I), decoder p(x|z) a Gaussian
 with mean D(z) and a learned per-pixel scale, integrated over the 256 bins of [-1, 1] by
-`ddpm_jax.diffusion.discretized_gaussian_log_likelihood` (the DDPM's own L_0 decoder), so that the
+`ddpm_jax.core.diffusion.discretized_gaussian_log_likelihood` (the DDPM's own L_0 decoder), so that the
 VAE's negative ELBO in bits/dim is directly comparable with the DDPM's bound. The losses live in
-`ddpm_jax.vae`; this module is only the network.
+`ddpm_jax.core.vae`; this module is only the network.
 
 The module keeps no randomness of its own: `__call__(x, z_noise)` takes the standard-normal noise
 of the reparameterization trick from the caller, who draws it from an explicit key.

@@ -3,7 +3,7 @@
 `VDMScoreNet(network)` wraps any `network(h, t, train) -> [B, H, W, C]` (e.g. the DDPM UNet with
 out_ch = C): it feeds concat(z_t, fourier_features(z_t)) and time_scale * t, so the UNet's
 sinusoidal timestep embedding sees t in [0, time_scale] as it sees the discrete steps. The
-wrapper's `__call__(z_t, t, train)` is an `eps_fn` for `ddpm_jax.vdm` once params are bound.
+wrapper's `__call__(z_t, t, train)` is an `eps_fn` for `ddpm_jax.core.vdm` once params are bound.
 """
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ from __future__ import annotations
 import flax.linen as nn
 import jax.numpy as jnp
 
-from ddpm_jax.vdm import fourier_features
+from ddpm_jax.core.vdm import fourier_features
 
 
 class VDMScoreNet(nn.Module):

@@ -11,7 +11,8 @@ import json
 import numpy as np
 from etils import epath
 
-from ddpm_jax import configuration, distributed, fileio
+from ddpm_jax import configuration, fileio
+from ddpm_jax.training import distributed
 
 METRICS_FILE = "metrics.jsonl"
 TENSORBOARD_DIR = "tensorboard"

@@ -7,7 +7,7 @@ deterministically (fixed key and data order), on the digits train split (1,500 i
   report = digits_sample_quality(samples)  # samples: float [N, 8, 8, 1] in [-1, 1]
   report["fd"], report["fd_floor"], report["classifier_score"], report["classifier_score_test"]
 
-`fd` is the Fréchet distance (ddpm_jax.quality, the FID formula) between the samples' features
+`fd` is the Fréchet distance (ddpm_jax.core.quality, the FID formula) between the samples' features
 and the test split's; it is biased upwards at small N, so compare it with `fd_floor`, the value
 real train images reach at the same N. The numbers are only comparable between runs that use
 the same classifier (same seed, same `_CACHE_VERSION`).
@@ -28,9 +28,10 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from ddpm_jax import fileio, quality
-from ddpm_jax.digits_builder import digits_split_indices, digits_uint8
-from ddpm_jax.pixels import scale_images
+from ddpm_jax import fileio
+from ddpm_jax.core import quality
+from ddpm_jax.core.pixels import scale_images
+from ddpm_jax.data.digits_builder import digits_split_indices, digits_uint8
 
 IMAGE_SHAPE = (8, 8, 1)
 NUM_CLASSES = 10
@@ -269,7 +270,7 @@ def _check_samples(samples) -> np.ndarray:
     if not np.issubdtype(x.dtype, np.floating):
         raise ValueError(
             f"digits_sample_quality: {expected}; got dtype {x.dtype} (uint8 pixels? "
-            "map them with ddpm_jax.data.scale_images)."
+            "map them with ddpm_jax.data.pipeline.scale_images)."
         )
     x = x.astype(np.float32)
     if not np.isfinite(x).all():

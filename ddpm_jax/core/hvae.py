@@ -25,7 +25,7 @@ D = H*W*C) with the VAE's / DDPM's discretized decoder, so `total_bpd` sits besi
 log q(z_l | .) at its own draw z_l = mean + sigma * eps is -0.5 sum(log 2 pi + logvar + eps^2),
 computed from eps (no (z - mean) / sigma cancellation).
 
-With num_levels = 1 every term is the VAE's (`ddpm_jax.vae.vae_terms_from_noise`), for the same
+With num_levels = 1 every term is the VAE's (`ddpm_jax.core.vae.vae_terms_from_noise`), for the same
 parameters and noise.
 
 References:
@@ -44,9 +44,9 @@ import chex
 import jax
 import jax.numpy as jnp
 
-from ddpm_jax.diffusion import mean_flat, normal_kl
+from ddpm_jax.core.diffusion import mean_flat, normal_kl
+from ddpm_jax.core.vae import _nats_to_bpd, _recon_bpd, gaussian_kl_standard
 from ddpm_jax.models.hvae import HVAEOutputs, hvae_latent_shape_of
-from ddpm_jax.vae import _nats_to_bpd, _recon_bpd, gaussian_kl_standard
 
 ApplyFn = Callable[..., HVAEOutputs]
 LOG_2PI = math.log(2.0 * math.pi)

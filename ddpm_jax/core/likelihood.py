@@ -1,6 +1,6 @@
 """The exact likelihood of the probability-flow ODE, beside VDM's bound (`vdm.bound_bpd`).
 
-The process is VDM's variance-preserving one (see `ddpm_jax.vdm`): z_t = alpha_t x + sigma_t eps with
+The process is VDM's variance-preserving one (see `ddpm_jax.core.vdm`): z_t = alpha_t x + sigma_t eps with
 alpha_t^2 = sigmoid(-gamma_t), sigma_t^2 = sigmoid(gamma_t), t in [0, 1], gamma increasing.
 
 The ODE (Song et al. 2021, eq. 13, in t and gamma). The forward SDE dz = f(t) z dt + g(t) dw with
@@ -79,8 +79,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ddpm_jax import vdm
-from ddpm_jax.vdm import EpsFn, GammaFn, alpha_sigma, nats_to_bpd
+from ddpm_jax.core import vdm
+from ddpm_jax.core.vdm import EpsFn, GammaFn, alpha_sigma, nats_to_bpd
 
 DELTA = 2.0 / 255.0  # bin width of the 256-level grid on [-1, 1] (v_{k+1} - v_k)
 DEQUANTIZERS = ("decoder", "uniform")
@@ -157,7 +157,7 @@ def ode_log_prob(
     """log p_ode(z) of points z at time t_min under the probability-flow ODE (module docstring).
 
     Args:
-      gamma_fn, eps_fn: as in `ddpm_jax.vdm` (eps_fn must act on each example independently).
+      gamma_fn, eps_fn: as in `ddpm_jax.core.vdm` (eps_fn must act on each example independently).
       z: [B, H, W, C] points at t_min.
       rng: key for the Hutchinson probes (unused, may be None, with exact_trace).
       num_steps: fixed integrator steps from t_min to 1 (static).
@@ -229,7 +229,7 @@ def ode_nll_bpd(
     discrete model P named by `dequantize` (see the module docstring for what each bounds).
 
     Args:
-      gamma_fn, eps_fn: as in `ddpm_jax.vdm`.
+      gamma_fn, eps_fn: as in `ddpm_jax.core.vdm`.
       x0: [B, H, W, C] on the 256-level grid in [-1, 1].
       rng: key for z's draw and the Hutchinson probes.
       num_steps, t_min, exact_trace, num_probes, method, trace_chunk: see `ode_log_prob`.
@@ -317,7 +317,7 @@ def continuous_from_schedule(sched, eps_model_fn: Callable[[jnp.ndarray, jnp.nda
     for bins that overlap. The schedule must be VP (a_t^2 + s_t^2 = 1).
 
     Args:
-      sched: a VP `ddpm_jax.schedules.Schedule` with T >= 2.
+      sched: a VP `ddpm_jax.core.schedules.Schedule` with T >= 2.
       eps_model_fn: eps_hat = eps_model_fn(x_t [B, H, W, C], t [B] int32); wrap a model with another
         parameterization (v, x0, learned variance) to return eps first.
 

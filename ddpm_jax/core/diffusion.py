@@ -19,7 +19,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ddpm_jax.schedules import Schedule
+from ddpm_jax.core.schedules import Schedule
 
 PARAMETERIZATIONS = ("eps", "x0", "v", "mean")
 VARIANCES = ("fixed_small", "fixed_large", "learned", "learned_range")

@@ -26,7 +26,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ddpm_jax.diffusion import discretized_gaussian_log_likelihood, mean_flat
+from ddpm_jax.core.diffusion import discretized_gaussian_log_likelihood, mean_flat
 from ddpm_jax.models.vae import latent_dim_of, reparameterize
 
 ApplyFn = Callable[..., tuple]

@@ -7,7 +7,7 @@ classifier score (the Inception Score's formula). Generic: nothing here knows th
   score = classifier_score(sample_probs)           # [N, K] class probabilities
 
 With Inception-v3 pool3 features (2048-d) of CIFAR-10 images these are the usual FID and IS;
-`ddpm_jax.digits_classifier` supplies a small feature network for the 8x8 digits.
+`ddpm_jax.evaluation.digits_classifier` supplies a small feature network for the 8x8 digits.
 Everything is computed in float64 NumPy, on the host.
 """
 

@@ -12,7 +12,7 @@ import ml_collections
 from ddpm_jax import methods
 from ddpm_jax.checks import is_int, is_number, one_of, positive_int, require
 from ddpm_jax.errors import ConfigError, UserError  # noqa: F401 - re-exported for callers of this module
-from ddpm_jax.train_lib import LR_SCHEDULES
+from ddpm_jax.training.train_lib import LR_SCHEDULES
 
 
 def _check_training(tr: ml_collections.ConfigDict, num_devices: int | None) -> None:

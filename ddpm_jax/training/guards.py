@@ -7,7 +7,7 @@ import signal
 
 import numpy as np
 
-from ddpm_jax import distributed
+from ddpm_jax.training import distributed
 
 
 class StopFlag:

@@ -12,7 +12,7 @@ import numpy as np
 from PIL import Image
 
 from ddpm_jax import fileio
-from ddpm_jax.pixels import unscale_images
+from ddpm_jax.core.pixels import unscale_images
 
 
 def image_grid(images, ncol: int | None = None, pad: int = 1) -> np.ndarray:

@@ -10,8 +10,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ddpm_jax import diffusion, schedules
-from ddpm_jax.schedules import Schedule
+from ddpm_jax.core import diffusion, schedules
+from ddpm_jax.core.schedules import Schedule
 
 
 def _initial_noise(sched: Schedule, rng, shape, x_T=None):

@@ -13,17 +13,19 @@ import jax
 import numpy as np
 from tqdm.auto import tqdm
 
-from ddpm_jax import distributed, fileio, plots, train_lib
+from ddpm_jax import fileio
 from ddpm_jax.errors import DataError
+from ddpm_jax.evaluation import plots
+from ddpm_jax.training import distributed, train_lib
 
 
 def load_split(config, split: str):
     """This process's shard of a split, uint8 [N, H, W, C] fitted to the config's image size (or a
-    data.StreamedSplit of that shape with config.data.in_memory=False), checked against the config."""
-    from ddpm_jax import data  # TensorFlow: only where a split is read
+    pipeline.StreamedSplit of that shape with config.data.in_memory=False), checked against the config."""
+    from ddpm_jax.data import pipeline
 
     try:
-        images = data.load_images(
+        images = pipeline.load_images(
             config.data.dataset,
             split,
             config.data.data_dir,
@@ -51,9 +53,9 @@ def num_eval_batches(test_images: np.ndarray, global_batch: int) -> int:
 
 def _sum_batches(step_fn, params, test_images, batch_size: int, rng, num_batches: int | None, progress: str = ""):
     sums = None
-    from ddpm_jax import data
+    from ddpm_jax.data import pipeline
 
-    batches = data.eval_batches(test_images, batch_size, num_batches=num_batches)
+    batches = pipeline.eval_batches(test_images, batch_size, num_batches=num_batches)
     if progress:
         batches = tqdm(list(batches), desc=progress, unit="batch", disable=not distributed.is_main_process())
     for batch, mask in batches:

@@ -144,7 +144,7 @@ def define_config_flag(default_spec: str, help_text: str | None = None):
 
 def _list_in_help(main) -> None:
     """`--help` lists the flags of sys.argv[0]'s module; a command's flags are defined in its own module
-    (ddpm_jax.commands.train, ddpm_jax.evaluate, ...), so they are listed as that script's too."""
+    (ddpm_jax.commands.train, ddpm_jax.commands.evaluate, ...), so they are listed as that script's too."""
     command_flags = list(flags.FLAGS.flags_by_module_dict().get(main.__module__, []))
     if "config" in flags.FLAGS:
         command_flags.append(flags.FLAGS["config"])

@@ -5,7 +5,7 @@ atomic saves, see checkpoint.py); SIGTERM / SIGINT save a checkpoint at the curr
 return; a run of non-finite steps longer than config.training.max_nonfinite_steps stops with a
 checkpoint of the last good parameters. With several processes (distributed.py) every process
 runs this same loop on its shard of the data, and only process 0 writes logs and pictures.
-What is trained is the config's method (ddpm_jax.methods); evaluation is ddpm_jax.evaluation's.
+What is trained is the config's method (ddpm_jax.methods); evaluation is ddpm_jax.evaluation.report's.
 """
 
 from __future__ import annotations
@@ -17,11 +17,14 @@ import ml_collections
 import numpy as np
 from tqdm.auto import tqdm
 
-from ddpm_jax import checkpoint, data, distributed, evaluation, fileio, methods, plots, train_lib, workdir_lock
+from ddpm_jax import fileio, methods
+from ddpm_jax.data import pipeline
 from ddpm_jax.errors import CheckpointError, ConfigError, TrainingDiverged
-from ddpm_jax.guards import NonfiniteGuard, StopFlag
-from ddpm_jax.metric_writer import MetricWriter
-from ddpm_jax.validation import validate_config
+from ddpm_jax.evaluation import plots, report
+from ddpm_jax.training import checkpoint, distributed, train_lib, workdir_lock
+from ddpm_jax.training.guards import NonfiniteGuard, StopFlag
+from ddpm_jax.training.metric_writer import MetricWriter
+from ddpm_jax.training.validation import validate_config
 
 # Processes agree on a pre-emption at log steps and every this many steps (a small collective),
 # so that all of them stop, and save, at the same step; one process alone checks every step.
@@ -87,7 +90,7 @@ def train_and_evaluate(
         of the last good state is saved first).
     """
     validate_config(config)
-    data.check_data_dir(config.data.data_dir)  # DataError before the workdir, the lock or the model is touched
+    pipeline.check_data_dir(config.data.data_dir)  # DataError before the workdir, the lock or the model is touched
     check_workdir(workdir)
     with workdir_lock.acquire(workdir, process_index=jax.process_index(), say=_say) as lock:
         try:
@@ -125,10 +128,10 @@ def _train_and_evaluate(config, workdir: str, stop_at_step: int | None, steps, l
         initial_step = int(state.step)
         if initial_step:
             _say(f"Resuming from the checkpoint at step {initial_step} in {checkpoint.checkpoint_dir(workdir)}.")
-        train_images = evaluation.load_split(config, config.data.train_split)
-        test_images = evaluation.load_split(config, config.data.eval_split)
-        num_eval_batches = evaluation.num_eval_batches(test_images, config.training.batch_size)
-        batches = data.train_batches(
+        train_images = report.load_split(config, config.data.train_split)
+        test_images = report.load_split(config, config.data.eval_split)
+        num_eval_batches = report.num_eval_batches(test_images, config.training.batch_size)
+        batches = pipeline.train_batches(
             train_images,
             config.training.batch_size,
             config.seed,
@@ -176,7 +179,7 @@ def _train_and_evaluate(config, workdir: str, stop_at_step: int | None, steps, l
             if every(step, tr.eval_every, num_steps):
                 writer.write(
                     step,
-                    evaluation.evaluate_loss(
+                    report.evaluate_loss(
                         steps.eval, rstate.ema_params, test_images, config, eval_rng, num_eval_batches
                     ),
                 )
@@ -211,4 +214,4 @@ def _train_and_evaluate(config, workdir: str, stop_at_step: int | None, steps, l
     finally:
         stop.restore()
         checkpoint.wait_until_finished(mngr)
-    return evaluation.final_report(config, workdir, steps, rstate, test_images, eval_rng, writer, start_time)
+    return report.final_report(config, workdir, steps, rstate, test_images, eval_rng, writer, start_time)

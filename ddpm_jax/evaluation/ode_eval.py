@@ -14,7 +14,7 @@ import math
 import jax
 import numpy as np
 
-from ddpm_jax import likelihood, pixels
+from ddpm_jax.core import likelihood, pixels
 from ddpm_jax.errors import ConfigError
 
 

@@ -20,7 +20,8 @@ import numpy as np
 import optax
 from flax.training import train_state
 
-from ddpm_jax import distributed, timesteps
+from ddpm_jax.core import timesteps
+from ddpm_jax.training import distributed
 
 if TYPE_CHECKING:  # the steps only call the interface; the registry is the caller's
     from ddpm_jax.methods import Method

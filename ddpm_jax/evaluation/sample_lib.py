@@ -8,9 +8,11 @@ import os
 
 import jax
 
-from ddpm_jax import fileio, plots, train_lib
+from ddpm_jax import fileio
 from ddpm_jax.errors import ConfigError
+from ddpm_jax.evaluation import plots
 from ddpm_jax.run import load_run
+from ddpm_jax.training import train_lib
 
 
 def output_paths(out: str | None, workdir: str, seed: int) -> str:

@@ -2,10 +2,10 @@
 stream; eval batches.
 
 A dataset is a tfds name (mnist, cifar10, celeb_a, ...: prepared in data_dir or downloadable), "digits"
-(scikit-learn's 8x8 digits wrapped as a local tfds builder, `ddpm_jax.digits_builder`, registered by
+(scikit-learn's 8x8 digits wrapped as a local tfds builder, `ddpm_jax.data.digits_builder`, registered by
 importing this module; it needs no network), or "folder:/path/to/images", a folder of PNG/JPEG files
-(`ddpm_jax.data_sources` says how its splits are chosen). Images of another size are centre-cropped and
-resized to image_size x image_size (`data_sources.fit_image`); images of the right size pass unchanged.
+(`ddpm_jax.data.sources` says how its splits are chosen). Images of another size are centre-cropped and
+resized to image_size x image_size (`sources.fit_image`); images of the right size pass unchanged.
 
   images = load_images(config.data.dataset, config.data.train_split, config.data.data_dir,
                        image_size=config.data.image_size, channels=config.data.channels,
@@ -14,7 +14,7 @@ resized to image_size x image_size (`data_sources.fit_image`); images of the rig
       ...  # batch: float32 [local_devices, per_device_batch, H, W, C] in [-1, 1]
 
 In memory (the default), a split is read, fitted and held as uint8 [N, H, W, C] (50,000 CIFAR-10 images:
-150 MB). With in_memory=False, load_images returns a `data_sources.StreamedSplit` that reads each batch's
+150 MB). With in_memory=False, load_images returns a `sources.StreamedSplit` that reads each batch's
 images from disk by index: tfds datasets prepared as ArrayRecord (`tfds build NAME
 --file_format=array_record`) and folders. Either way the training order is a pure function of
 (seed, step), the same for both (so streaming gives the same batches as in memory), and a restored run
@@ -39,11 +39,12 @@ import numpy as np
 import tensorflow as tf
 import tensorflow_datasets as tfds
 
-from ddpm_jax import data_sources, pixels
-from ddpm_jax.data_sources import StreamedSplit
-from ddpm_jax.digits_builder import Digits  # registers the tfds name "digits"
+from ddpm_jax.core import pixels
+from ddpm_jax.core.pixels import unscale_images  # noqa: F401 - re-exported beside scale_images
+from ddpm_jax.data import sources
+from ddpm_jax.data.digits_builder import Digits  # registers the tfds name "digits"
+from ddpm_jax.data.sources import StreamedSplit
 from ddpm_jax.errors import DataError
-from ddpm_jax.pixels import unscale_images  # noqa: F401 - re-exported beside scale_images
 
 # A few names that work with this pipeline (any tfds image dataset with a uint8 "image" feature does;
 # celeb_a's 218x178 faces are centre-cropped and resized to config.data.image_size), and a folder.
@@ -172,7 +173,7 @@ def load_images(
       process_index: this process's shard; default jax.process_index().
       process_count: number of shards (tfds.even_splits); default jax.process_count().
       download: whether to try downloading a dataset that is not prepared yet.
-      image_size: fit every image to image_size x image_size (data_sources.fit_image; images of that
+      image_size: fit every image to image_size x image_size (sources.fit_image; images of that
         size pass unchanged). None keeps the stored size (tfds only, all images of one size).
         Required for folders and streaming.
       channels: 1 or 3. A tfds dataset must store that many (DataError otherwise); a folder's files are
@@ -193,16 +194,16 @@ def load_images(
     process_count = jax.process_count() if process_count is None else process_count
     if not 0 <= process_index < process_count:
         raise ValueError(f"process_index={process_index} not in [0, {process_count}).")
-    folder = data_sources.folder_path(dataset)
+    folder = sources.folder_path(dataset)
     if folder is not None:
         if image_size is None or channels is None:
             raise ValueError(f"Dataset {dataset!r}: a folder needs image_size and channels (config.data).")
         files = [
-            str(f) for f in np.array_split(data_sources.folder_split_files(folder, split), process_count)[process_index]
+            str(f) for f in np.array_split(sources.folder_split_files(folder, split), process_count)[process_index]
         ]
         if in_memory:
-            return data_sources.read_folder(files, channels, image_size)
-        return data_sources.streamed_folder(files, channels, image_size)
+            return sources.read_folder(files, channels, image_size)
+        return sources.streamed_folder(files, channels, image_size)
     check_data_dir(data_dir)
     builder = _builder(dataset, data_dir)
     _check_split(builder, split)  # cheap, before any download, where the metadata is known
@@ -222,14 +223,14 @@ def load_images(
     if not in_memory or builder.info.file_format == tfds.core.FileFormat.ARRAY_RECORD:  # by index
         if image_size is None and (height is None or height != width):
             raise ValueError(f"Dataset {dataset!r}: streaming, or reading ArrayRecord, needs image_size.")
-        streamed = data_sources.streamed_tfds(builder, split, channels or stored_channels, image_size or height)
+        streamed = sources.streamed_tfds(builder, split, channels or stored_channels, image_size or height)
         return streamed if not in_memory else streamed[:]
     if image_size is None or height == width == image_size:  # as stored, in one batch
         ds = builder.as_dataset(split=split, batch_size=-1, shuffle_files=False)
         return np.asarray(tfds.as_numpy(ds)["image"], np.uint8)
     # Fitted once, here, so that training reads ready images.
     ds = builder.as_dataset(split=split, shuffle_files=False)
-    ds = ds.map(lambda ex: data_sources.fit_image(ex["image"], image_size), num_parallel_calls=tf.data.AUTOTUNE)
+    ds = ds.map(lambda ex: sources.fit_image(ex["image"], image_size), num_parallel_calls=tf.data.AUTOTUNE)
     batches = [b.numpy() for b in ds.batch(1024)]
     if not batches:
         return np.zeros((0, image_size, image_size, stored_channels), np.uint8)

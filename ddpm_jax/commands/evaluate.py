@@ -1,0 +1,167 @@
+"""Evaluates a trained run: the test bound in bits/dim (all T terms) and sample quality.
+
+    python -m ddpm_jax.evaluate --workdir=runs/default [--params=ema|raw] [--num_samples=500]
+        [--sampler=respaced --steps=100] [--nobpd] [--noquality] [--ode_images=297 --ode_steps=64]
+
+Writes <workdir>/eval/<params>.json (and the per-t plot bpd_terms_<params>.png, the grid of the
+samples scored, samples_<params>.png) and prints the numbers. Sample quality (a Fréchet distance
+in a digits classifier's feature space, its classifier score, and the train-vs-test floor) is
+built in for the digits; for another dataset pass your own features to
+`ddpm_jax.core.quality.frechet_distance_from_features`.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+
+import jax
+from absl import flags
+
+from ddpm_jax import fileio, methods
+from ddpm_jax.commands import cli
+from ddpm_jax.errors import ConfigError
+from ddpm_jax.evaluation import plots, report
+from ddpm_jax.run import WHICH, load_run
+from ddpm_jax.training import train_lib
+
+
+def evaluate_workdir(
+    workdir: str,
+    *,
+    params: str = "ema",
+    bpd: bool = True,
+    quality: bool = True,
+    num_samples: int = 500,
+    sampler: str = "respaced",
+    num_steps: int | None = 100,
+    eta: float = 0.0,
+    seed: int = 0,
+    bpd_batch_size: int | None = None,
+    strata: int = 0,
+    ode_images: int = 0,
+    ode_steps: int = 64,
+) -> dict:
+    """Scores the latest checkpoint of workdir; returns (and writes) a flat dict of numbers.
+
+    The bound is the method's most exact one (strata=0: all T terms of a discrete chain) or its
+    estimate with `strata` strata. A sampler the method lacks falls back to its default one.
+    """
+    run = load_run(workdir, which=params)
+    config, method = run.config, run.method
+    if quality and config.data.dataset == "digits":  # the feature network first: trained once, then cached
+        from ddpm_jax.evaluation import digits_classifier
+
+        digits_classifier.load_or_train()
+    if sampler not in method.samplers:  # the method's own sampler (VDM: a num_steps chain; VAE: one pass)
+        sampler = method.samplers[0]
+    if sampler != "ancestral" and num_steps is not None:
+        num_steps = min(num_steps, getattr(method, "num_timesteps", num_steps))
+    method.check_sampler(sampler, num_steps, eta)
+    steps = train_lib.compile_steps(method, config, bpd_strata=strata)
+    weights = train_lib.replicate(run.params)
+    out_dir = fileio.as_path(workdir) / "eval"
+    out_dir.mkdir(parents=True, exist_ok=True)
+    result = {"workdir": workdir, "step": run.step, "params": params}
+    rng = jax.random.PRNGKey(seed)
+    start = time.time()
+    test_images = report.load_split(config, config.data.eval_split) if bpd or ode_images else None
+    if bpd:
+        batch = bpd_batch_size or config.training.bpd_batch_size or config.training.batch_size
+        numbers = report.evaluate_bpd(steps.bpd, weights, test_images, config, rng, batch_size=batch)
+        if "vb_per_t" in numbers:
+            plots.plot_vb_terms(
+                numbers.pop("vb_per_t"),
+                out_dir / f"bpd_terms_{params}.png",
+                f"test bound: {numbers['total_bpd']:.3f} bits/dim",
+            )
+        result.update(numbers, bpd_time_s=time.time() - start, bpd_method=method.bound_description(strata))
+    if ode_images:  # the probability-flow ODE NLL of the first ode_images test images (ddpm_jax.evaluation.ode_eval)
+        from ddpm_jax.evaluation import ode_eval
+
+        start = time.time()
+        result.update(
+            ode_eval.ode_nll_over_images(
+                method, run.params, test_images[:ode_images], jax.random.fold_in(rng, 2), num_steps=ode_steps
+            )
+        )
+        result["ode_time_s"] = time.time() - start
+    if quality:
+        start = time.time()
+        samples = train_lib.draw_samples(
+            steps.sample,
+            weights,
+            jax.random.fold_in(rng, 1),
+            num_samples,
+            sampler=sampler,
+            num_steps=num_steps,
+            eta=eta,
+        )["samples"]
+        result["samples_png"] = plots.save_grid(samples[:100], out_dir / f"samples_{params}.png")
+        result["sampler"] = method.sampler_label(sampler, num_steps)
+        result.update(sample_quality(config, samples, seed))
+        result["quality_time_s"] = time.time() - start
+    fileio.atomic_write_json(out_dir / f"{params}.json", result)
+    return result
+
+
+def sample_quality(config, samples, seed: int = 0) -> dict:
+    """Fréchet distance, its train-vs-test floor and the classifier score (digits only)."""
+    if config.data.dataset != "digits":
+        return {}
+    from ddpm_jax.evaluation import digits_classifier
+
+    return digits_classifier.digits_sample_quality(samples, seed=seed)
+
+
+def cli_main() -> None:
+    """The command line (flags are defined here, not at import, so the library imports cleanly)."""
+    _WORKDIR = flags.DEFINE_string("workdir", "runs/default", "A workdir that train.py wrote.")
+    _PARAMS = flags.DEFINE_enum("params", "ema", list(WHICH), "Score the EMA or the raw parameters.")
+    _BPD = flags.DEFINE_bool("bpd", True, "Compute the test-split bound (all T terms).")
+    _QUALITY = flags.DEFINE_bool("quality", True, "Draw samples and compute the Fréchet distance (digits).")
+    _NUM = flags.DEFINE_integer("num_samples", 500, "Samples for the Fréchet distance.", lower_bound=2)
+    _SAMPLER = flags.DEFINE_enum("sampler", "respaced", list(methods.SAMPLERS), "Sampler for quality.")
+    _STEPS = flags.DEFINE_integer("steps", 100, "Steps of the respaced / DDIM sampler.", lower_bound=1)
+    _ETA = flags.DEFINE_float("eta", 0.0, "DDIM eta.")
+    _SEED = flags.DEFINE_integer("seed", 0, "Seed of the bound's noise and of the samples.")
+    _STRATA = flags.DEFINE_integer(
+        "strata", 0, "0: the bound with all T terms; > 0: its stratified estimate.", lower_bound=0
+    )
+
+    _ODE = flags.DEFINE_integer(
+        "ode_images",
+        0,
+        "Also the probability-flow ODE NLL of this many test images (0: off; VDM, eps-DDPM).",
+        lower_bound=0,
+    )
+    _ODE_STEPS = flags.DEFINE_integer("ode_steps", 64, "RK4 steps of the ODE NLL.", lower_bound=1)
+
+    def main(argv):
+        if not fileio.as_path(_WORKDIR.value).is_dir():
+            raise ConfigError(f"--workdir={_WORKDIR.value}: no such folder; pass a workdir that train.py wrote.")
+        if _BPD.value or _ODE.value:  # reading the test split starts TensorFlow: keep it off the GPUs
+            from ddpm_jax.data import pipeline
+
+            pipeline.hide_gpus_from_tf()
+        result = evaluate_workdir(
+            _WORKDIR.value,
+            params=_PARAMS.value,
+            bpd=_BPD.value,
+            quality=_QUALITY.value,
+            num_samples=_NUM.value,
+            sampler=_SAMPLER.value,
+            num_steps=_STEPS.value,
+            eta=_ETA.value,
+            seed=_SEED.value,
+            strata=_STRATA.value,
+            ode_images=_ODE.value,
+            ode_steps=_ODE_STEPS.value,
+        )
+        print(json.dumps(result, indent=2))
+
+    cli.run(main)
+
+
+if __name__ == "__main__":
+    cli_main()
