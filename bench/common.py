@@ -27,9 +27,9 @@ import numpy as np  # noqa: E402
 
 
 def get_config(name: str, batch: int | None = None, dtype: str | None = None):
-    from configs import cifar10, ddpm
+    from ddpm_jax import configuration  # the shipped configs by name, installed or from this checkout
 
-    cfg = {"default": ddpm, "cifar10": cifar10}[name].get_config()
+    cfg = configuration.load_config_file({"default": "ddpm", "cifar10": "cifar10"}[name])
     if batch is not None:
         cfg.training.batch_size = batch
     if dtype is not None:
@@ -141,7 +141,7 @@ def bench_train(
     trace_dir: str | None = None,
     trace_steps: int = 3,
 ) -> dict:
-    """The pmapped train_step (train_lib.compile_steps(...).train) on a synthetic global batch.
+    """The pmapped train_step (train_lib.compile_steps(...).p_train) on a synthetic global batch.
 
     Compiles ahead of time (lower + compile, timed), then runs `warmup` untimed and `steps` timed
     steps, each blocked on. Returns throughput, compile time, XLA memory analysis and cost analysis.
@@ -151,7 +151,7 @@ def bench_train(
       write the compiled step's HLO text beside it.
     """
     from ddpm_jax import methods
-    from ddpm_jax.training import train_lib
+    from ddpm_jax.training import distributed, train_lib
 
     ndev = jax.local_device_count()
     gb = cfg.training.batch_size
@@ -161,8 +161,8 @@ def bench_train(
     method = methods.from_config(cfg)
     steps_fns = train_lib.compile_steps(method, cfg)
     state = train_lib.create_train_state(method, steps_fns.tx, jax.random.PRNGKey(seed))
-    p_train = steps_fns.train
-    rstate = train_lib.replicate(state)
+    p_train = steps_fns.p_train
+    rstate = distributed.replicate(state)
     # The batch is laid out like a loader's: one shard per device along axis 0.
     host = np.random.default_rng(seed).uniform(-1, 1, (ndev, gb // ndev, size, size, ch)).astype(np.float32)
     mesh = jax.sharding.Mesh(np.array(jax.local_devices()), (train_lib.AXIS,))

@@ -9,7 +9,8 @@ sampling, writing), then scores the saved samples with the digits classifier (`d
 against the test split, its train-vs-test floor, the classifier score). The first cell is drawn again with
 --repeat_seed to show fd's seed noise. Cells are written to the JSON as they finish: an interrupted table
 resumes. The default cells depend on the run's method: the DDPM's ancestral T, respaced 250 / 100 / 50 and
-DDIM 50 / 20; VDM's chain of 1000 / 250 / 100 / 50 steps and DDIM 100 / 50 / 20.
+DDIM 50 / 20; VDM's chain of 1000 / 250 / 100 / 50 steps and DDIM 100 / 50 / 20; another method's default
+sampler. A cell's sampler must be in the method's `samplers` mapping (ddpm_jax.methods).
 """
 
 from __future__ import annotations
@@ -75,10 +76,15 @@ def main() -> None:
     parser.add_argument("--repeat_seed", type=int, default=1, help="the first cell again with this seed (fd noise)")
     parser.add_argument("--out", default=None)
     args = parser.parse_args()
+    from ddpm_jax import methods
     from ddpm_jax.run import load_config
 
-    method = load_config(args.workdir).method
-    cells = args.cells.split(",") if args.cells else list(DEFAULT_CELLS.get(method, ("ancestral",)))
+    method_class = methods.method_class(load_config(args.workdir))
+    method, samplers = method_class.name, method_class.samplers
+    cells = args.cells.split(",") if args.cells else list(DEFAULT_CELLS.get(method, (next(iter(samplers)),)))
+    for cell in cells:  # a name outside the method's samplers mapping fails here, not in the cell's subprocess
+        if parse_cell(cell)[0] not in samplers:
+            raise SystemExit(f"error: --cells: {cell!r}: method {method!r} has the samplers {', '.join(samplers)}.")
     name = os.path.basename(os.path.normpath(args.workdir))
     out = args.out or os.path.join(REPO, "bench", "results", f"samplers_{name}.json")
     done = json.load(open(out))["rows"] if os.path.exists(out) else []

@@ -16,6 +16,7 @@ VARIANTS = ("runlocal",)  # the args get_config accepts (--config=hvae:runlocal)
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config = ddpm_config.get_config(arg)
     config.method = "hvae"
+    del config.model, config.diffusion  # the UNet's and the DDPM's: the HVAE's networks are config.hvae's
     config.hvae = ml_collections.ConfigDict()
     config.hvae.num_levels = 2  # latent levels z_1..z_L
     config.hvae.latent_dim = 16  # size of each z_l

@@ -14,6 +14,7 @@ VARIANTS = ("runlocal",)  # the args get_config accepts (--config=vae:runlocal)
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config = ddpm_config.get_config(arg)
     config.method = "vae"
+    del config.model, config.diffusion  # the UNet's and the DDPM's: the VAE's networks are config.vae's
     config.vae = ml_collections.ConfigDict()
     config.vae.latent_dim = 16
     config.vae.hidden = 256

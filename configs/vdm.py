@@ -13,6 +13,7 @@ VARIANTS = ("runlocal",)  # the args get_config accepts (--config=vdm:runlocal)
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config = ddpm_config.get_config(arg)
     config.method = "vdm"
+    del config.diffusion  # the discrete DDPM's section: VDM's own is config.vdm
     config.vdm = ml_collections.ConfigDict()
     config.vdm.gamma_min = -13.3  # gamma(0) = -log SNR at t = 0 (initial value when learned)
     config.vdm.gamma_max = 5.0  # gamma(1)

@@ -47,10 +47,14 @@ class _AliasFinder(importlib.abc.MetaPathFinder, importlib.abc.Loader):
         return importlib.util.spec_from_loader(fullname, self)
 
     def create_module(self, spec):
-        return importlib.import_module(ALIASES[spec.name.rpartition(".")[2]])
+        target = importlib.import_module(ALIASES[spec.name.rpartition(".")[2]])
+        spec.loader_state = target.__spec__
+        return target
 
-    def exec_module(self, module):  # the target ran when it was imported
-        pass
+    def exec_module(self, module):
+        # The target ran when it was imported; the import system has just set the alias's spec on it:
+        # give it back its own, so that it keeps its name for reload and pickling.
+        module.__spec__ = module.__spec__.loader_state
 
 
 if not any(isinstance(finder, _AliasFinder) for finder in sys.meta_path):

@@ -9,4 +9,5 @@ def __getattr__(name):
 
 
 if __name__ == "__main__":
+    __doc__ = _command.__doc__  # absl's --help shows the __main__ module's docstring: the command's
     _command.cli_main()

@@ -20,7 +20,7 @@ from ddpm_jax import fileio, methods
 from ddpm_jax.errors import CheckpointError, ConfigError
 from ddpm_jax.methods import Method
 from ddpm_jax.training import checkpoint, train_lib
-from ddpm_jax.training.validation import validate_config
+from ddpm_jax.training.validation import validate_config, without_unread_fields
 
 WHICH = ("ema", "raw")
 
@@ -65,7 +65,7 @@ class Run:
         self, num: int, seed: int = 0, sampler: str | None = None, num_steps: int | None = None, eta: float = 0.0
     ) -> np.ndarray:
         """`num` samples [num, H, W, C] in [-1, 1] on the default device (sample.py uses every device)."""
-        sampler = sampler or self.method.samplers[0]
+        sampler = sampler or self.method.default_sampler()
         self.method.check_sampler(sampler, num_steps, eta)
         fn = jax.jit(lambda p, key: self.method.sample(p, key, num, sampler=sampler, num_steps=num_steps, eta=eta))
         key = jax.random.fold_in(jax.random.PRNGKey(seed), 0)  # sample.py's first device: the same images
@@ -76,6 +76,8 @@ def load_config(workdir: str) -> ml_collections.ConfigDict:
     """The config a run in workdir was trained with, checked, or CheckpointError."""
     config = checkpoint.load_config(workdir)
     try:
+        # A run saved before configs held only their method's sections (a VDM run's `diffusion`) loads too.
+        config = without_unread_fields(config)
         validate_config(config, num_devices=1)  # the batch size does not matter here
     except (ConfigError, AttributeError, KeyError) as e:  # a hand-edited or foreign config.json
         raise CheckpointError(

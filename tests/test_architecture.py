@@ -9,12 +9,17 @@ import, from a fresh interpreter): which module may depend on which, so the laye
   input pipeline (ddpm_jax.data).
 - What is specific to a method lives in its file in methods/ (and its networks in models/): no
   other module tests a method's name.
+- The core (ddpm_jax/core) is pure math: it imports only the core, the standard library and
+  numpy, jax, flax, chex and scipy.
+- The package's folders are its layers, each a package listed in pyproject.toml, and its top level
+  stays small.
 """
 
 import ast
 import os
 import subprocess
 import sys
+import tomllib
 
 import pytest
 
@@ -249,3 +254,69 @@ def test_only_a_methods_own_file_tests_its_name():
     # The check itself finds such tests (in the method files, where they belong).
     assert any("LEARNED" in hit for hit in method_tests(MODULES["ddpm_jax.methods.ddpm"], set(names)))
     assert method_tests(MODULES["ddpm_jax.methods.vae"], set(names))  # `"vae" not in config`
+
+
+# ----------------------------------------------------------------------------- (e) the core is pure math
+
+CORE = "ddpm_jax.core"
+# The third-party packages the core may import: arrays, autodiff, pytrees and shape checks, and
+# scipy, which core/quality.py needs for the Fréchet distance's matrix square root
+# (scipy.linalg.sqrtm, in float64 on the host, as pytorch-fid computes it) and the Inception-style
+# score's KL terms (scipy.special.xlogy). Anything else (the standard library aside) is not math.
+CORE_THIRD_PARTY = {"numpy", "jax", "flax", "chex", "scipy"}
+
+
+def _third_party_roots(name: str) -> set[str]:
+    """The top-level names of every absolute import outside the package in the file `name` (imports
+    inside functions and under TYPE_CHECKING included), the standard library left out."""
+    path = FILES[name]
+    roots = set()
+    for node in _import_nodes(ast.parse(open(path).read(), path), module_level=False):
+        if isinstance(node, ast.Import):
+            roots |= {alias.name.partition(".")[0] for alias in node.names}
+        elif not node.level:
+            roots.add(node.module.partition(".")[0])
+    return {r for r in roots if r != PACKAGE and r not in sys.stdlib_module_names}
+
+
+def test_the_core_imports_only_the_core_and_the_math_libraries():
+    core = sorted(m for m in MODULES if m == CORE or m.startswith(CORE + "."))
+    assert "ddpm_jax.core.diffusion" in core and "ddpm_jax.core.quality" in core, core
+    outside = {
+        (name, dep)
+        for name in core
+        for dep, named in project_imports(name).items()  # parents (ddpm_jax/__init__) are not named
+        if named and not (dep == CORE or dep.startswith(CORE + "."))
+    }
+    assert not outside, sorted(outside)
+    third_party = {name: sorted(_third_party_roots(name) - CORE_THIRD_PARTY) for name in core}
+    assert not any(third_party.values()), {k: v for k, v in third_party.items() if v}
+    # The check itself sees a core module's imports.
+    assert _third_party_roots("ddpm_jax.core.quality") == {"numpy", "scipy"}
+
+
+# ----------------------------------------------------------------------------- (f) the package's shape
+
+SUBPACKAGES = ("core", "models", "methods", "training", "evaluation", "data", "commands")
+MAX_TOP_LEVEL_MODULES = 10
+
+
+def test_the_top_level_holds_few_modules():
+    top = sorted(f for f in os.listdir(os.path.join(ROOT, PACKAGE)) if f.endswith(".py"))
+    assert len(top) <= MAX_TOP_LEVEL_MODULES, f"{len(top)} modules at the top of ddpm_jax/: {top}"
+
+
+def test_each_layer_is_a_package_listed_in_pyproject():
+    with open(os.path.join(ROOT, "pyproject.toml"), "rb") as f:
+        listed = set(tomllib.load(f)["tool"]["setuptools"]["packages"])
+    for sub in SUBPACKAGES:
+        assert os.path.isfile(os.path.join(ROOT, PACKAGE, sub, "__init__.py")), f"ddpm_jax/{sub}/ is not a package"
+        assert f"{PACKAGE}.{sub}" in listed, f"{PACKAGE}.{sub} is missing from [tool.setuptools] packages"
+    # and every package of the source tree is listed (the configs/ folder ships as ddpm_jax.configs)
+    packages = {m for m, path in MODULES.items() if path.endswith("__init__.py")}
+    for folder, dirnames, files in os.walk(os.path.join(ROOT, "configs")):
+        dirnames[:] = [d for d in dirnames if d != "__pycache__"]
+        if "__init__.py" in files:
+            rel = os.path.relpath(folder, os.path.join(ROOT, "configs"))
+            packages.add("ddpm_jax.configs" + ("" if rel == "." else "." + rel.replace(os.sep, ".")))
+    assert packages == listed, (sorted(packages - listed), sorted(listed - packages))

@@ -8,7 +8,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from diffusion_refs import (
+from scipy import special, stats
+
+from ddpm_jax.core import diffusion as D
+from ddpm_jax.core import schedules as S
+
+from helpers.diffusion_refs import (
     BIN_CENTRES,
     HALF_BIN,
     LOG2,
@@ -18,10 +23,6 @@ from diffusion_refs import (
     ref_log_probs,
     vp64,
 )
-from scipy import special, stats
-
-from ddpm_jax.core import diffusion as D
-from ddpm_jax.core import schedules as S
 
 ERRORS = ErrorTable("bound")
 record = ERRORS.record

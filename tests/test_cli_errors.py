@@ -25,9 +25,9 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
-from configs import ddpm as ddpm_config
 from ddpm_jax import methods
 from ddpm_jax.commands import cli
+from ddpm_jax.configs import ddpm as ddpm_config
 from ddpm_jax.errors import CheckpointError, ConfigError, WorkdirLocked
 from ddpm_jax.evaluation import sample_lib
 from ddpm_jax.training import checkpoint, train_lib, workdir_lock

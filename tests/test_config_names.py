@@ -8,9 +8,9 @@ import sys
 
 import pytest
 
-from configs import cifar10
 from ddpm_jax import configuration
 from ddpm_jax.commands import ablate, cli
+from ddpm_jax.configs import cifar10
 from ddpm_jax.errors import ConfigError
 from ddpm_jax.training.validation import validate_config
 
@@ -147,6 +147,9 @@ def test_configs_found_in_a_checkout_whose_install_does_not_map_them(monkeypatch
             raise ModuleNotFoundError(f"No module named {name!r}", name=name)
         return real_import(name, *args)
 
+    # Not a double import's clean-up: the fallback must load configs/ afresh (a cached
+    # ddpm_jax.configs.mnist would pass the last assert without it), and monkeypatch puts the
+    # installed package back at teardown (the fallback would otherwise replace it in sys.modules).
     for name in [m for m in sys.modules if m == "ddpm_jax.configs" or m.startswith("ddpm_jax.configs.")]:
         monkeypatch.delitem(sys.modules, name)
     monkeypatch.setattr(importlib, "import_module", no_mapping)

@@ -140,7 +140,7 @@ def test_unreadable_image_is_named(tmp_path):
 
 
 def test_validation_of_the_data_fields():
-    from configs import ddpm
+    from ddpm_jax.configs import ddpm
 
     config = ddpm.get_config("runlocal")
     config.data.dataset = "folder:/some/pictures"

@@ -15,8 +15,8 @@ import optax
 import pytest
 from scipy.special import ndtr
 
-from configs import ddpm as ddpm_config
 from ddpm_jax import methods
+from ddpm_jax.configs import ddpm as ddpm_config
 from ddpm_jax.core import diffusion, schedules
 from ddpm_jax.errors import ConfigError
 from ddpm_jax.methods import ddpm

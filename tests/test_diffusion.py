@@ -1,6 +1,6 @@
 """ddpm_jax.core.diffusion's process: the forward process, its posterior, the conversions between the
 network's outputs, the reverse process p(x_{t-1} | x_t), eager == jit == pmap, and the input checks;
-against independent float64 NumPy / SciPy references (tests/diffusion_refs.py).
+against independent float64 NumPy / SciPy references (tests/helpers/diffusion_refs.py).
 
 The library runs in float32 and is compared with tolerances that follow from that. Run with
 `pytest -s` to print the largest error of each function against its reference. The likelihood
@@ -14,7 +14,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from diffusion_refs import (
+from scipy import integrate, stats
+
+from ddpm_jax.core import diffusion as D
+from ddpm_jax.core import schedules as S
+
+from helpers.diffusion_refs import (
     BIN_CENTRES,
     SCHEDS,
     ErrorTable,
@@ -24,10 +29,6 @@ from diffusion_refs import (
     var_model,
     vp64,
 )
-from scipy import integrate, stats
-
-from ddpm_jax.core import diffusion as D
-from ddpm_jax.core import schedules as S
 
 ERRORS = ErrorTable("diffusion")
 record = ERRORS.record

@@ -13,14 +13,15 @@ import re
 import signal
 import socket
 
-import fault_utils as fu
 import jax
 import numpy as np
 import pytest
 
 from ddpm_jax.data import pipeline
 from ddpm_jax.evaluation import report
-from ddpm_jax.training import checkpoint, train_lib
+from ddpm_jax.training import checkpoint, distributed, train_lib
+
+from helpers import fault_utils as fu
 
 pytestmark = pytest.mark.slow  # two train.py processes
 
@@ -36,7 +37,7 @@ def _reference_params(config, data_dir, compiled, steps):
     state = train_lib.create_train_state(
         compiled.method, train_lib.make_optimizer(config), jax.random.PRNGKey(config.seed)
     )
-    rstate = train_lib.replicate(state)
+    rstate = distributed.replicate(state)
     streams = [
         pipeline.train_batches(
             pipeline.load_images("digits", config.data.train_split, data_dir, i, 2),
@@ -48,8 +49,8 @@ def _reference_params(config, data_dir, compiled, steps):
         for i in range(2)
     ]
     for _ in range(steps):
-        rstate, _ = compiled.train(rstate, np.concatenate([next(s) for s in streams]))  # [4, B/4, H, W, C]
-    return train_lib.unreplicate(rstate.params)
+        rstate, _ = compiled.p_train(rstate, np.concatenate([next(s) for s in streams]))  # [4, B/4, H, W, C]
+    return distributed.unreplicate(rstate.params)
 
 
 def _launch(workdir, env, logs, on_started=None):

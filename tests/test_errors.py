@@ -14,19 +14,20 @@ import subprocess
 import sys
 
 import chex  # noqa: F401 - its absl flags exist before script_flags() takes its snapshot
-import fault_utils as fu
 import jax
 import pytest
 from absl import app, flags
 
 from ddpm_jax import errors, methods
 from ddpm_jax.commands import cli
-from ddpm_jax.data import pipeline
+from ddpm_jax.data import pipeline, splits
 from ddpm_jax.errors import CheckpointError, ConfigError, DataError, UserError
-from ddpm_jax.evaluation import report, sample_lib
+from ddpm_jax.evaluation import sample_lib
 from ddpm_jax.run import load_run
 from ddpm_jax.training import checkpoint, distributed, loop, train_lib
 from ddpm_jax.training.validation import validate_config
+
+from helpers import fault_utils as fu
 
 
 @pytest.fixture(scope="module")
@@ -57,7 +58,7 @@ CONFIG_CASES = [
     ("lr<0", {"optim.lr": -1e-4}, ["config.optim.lr", "must be > 0, got -0.0001"]),
     ("ema=1", {"training.ema_decay": 1.0}, ["config.training.ema_decay", "must be in [0, 1), got 1.0"]),
     ("ema<0", {"training.ema_decay": -0.1}, ["config.training.ema_decay", "must be in [0, 1), got -0.1"]),
-    ("channels", {"pipeline.channels": 2}, ["config.data.channels", "must be 1 or 3, got 2"]),
+    ("channels", {"data.channels": 2}, ["config.data.channels", "must be 1 or 3, got 2"]),
     ("dropout=1", {"model.dropout": 1.0}, ["config.model.dropout", "must be in [0, 1), got 1.0"]),
     ("dropout<0", {"model.dropout": -0.5}, ["config.model.dropout", "got -0.5"]),
     (
@@ -67,7 +68,7 @@ CONFIG_CASES = [
     ),
     (
         "image vs down-sampling",
-        {"pipeline.image_size": 6, "model.ch_mult": (1, 2, 2)},
+        {"data.image_size": 6, "model.ch_mult": (1, 2, 2)},
         [
             "config.data.image_size=6 is not divisible by 2 ** (len(config.model.ch_mult) - 1) = 4",
             "Use fewer levels in config.model.ch_mult",
@@ -155,7 +156,7 @@ def test_checkpoint_of_another_model_shape(trained, data_dir):
 def test_workdir_of_another_image_size(trained, data_dir, tmp_path):
     workdir = _copy(trained[0], tmp_path)  # conv weights do not depend on the image size: config.json tells
     with pytest.raises(CheckpointError) as info:  # before anything is compiled
-        loop.train_and_evaluate(_config(data_dir, **{"pipeline.image_size": 16}), workdir)
+        loop.train_and_evaluate(_config(data_dir, **{"data.image_size": 16}), workdir)
     message = str(info.value)
     assert "config.data.image_size=8 in the checkpoint, 16 now" in message
     assert "new --workdir" in message and "config.json" in message
@@ -172,7 +173,7 @@ def test_data_errors(data_dir, monkeypatch):
     real = pipeline.load_images
     monkeypatch.setattr(pipeline, "load_images", lambda *a, **k: real(*a, **k, download=False))
     with pytest.raises(DataError, match="'mnist' is not prepared.*Prepare it on a machine with a network"):
-        report.load_split(_config(data_dir, **{"pipeline.dataset": "mnist"}), "train")
+        splits.load_split(_config(data_dir, **{"data.dataset": "mnist"}), "train")
 
 
 def test_sample_errors(trained, tmp_path):

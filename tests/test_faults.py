@@ -11,7 +11,6 @@ import json
 import os
 import signal
 
-import fault_utils as fu
 import jax
 import numpy as np
 import pytest
@@ -19,6 +18,8 @@ import pytest
 from ddpm_jax.data import pipeline
 from ddpm_jax.errors import TrainingDiverged
 from ddpm_jax.training import checkpoint, loop, train_lib
+
+from helpers import fault_utils as fu
 
 pytestmark = pytest.mark.slow  # every test here trains, in a subprocess or in-process
 

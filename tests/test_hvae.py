@@ -18,14 +18,14 @@ import numpy as np
 import pytest
 from scipy import stats
 
-from configs import hvae as hvae_config
 from ddpm_jax import methods
+from ddpm_jax.configs import hvae as hvae_config
 from ddpm_jax.core import hvae as H
 from ddpm_jax.core import vae as V
 from ddpm_jax.errors import ConfigError
 from ddpm_jax.models.hvae import create_hvae, hvae_latent_shape_of
 from ddpm_jax.models.vae import create_vae
-from ddpm_jax.training import train_lib, validation
+from ddpm_jax.training import distributed, train_lib, validation
 
 LOG2 = math.log(2.0)
 HALF_BIN = 1.0 / 255.0
@@ -348,11 +348,11 @@ def test_train_step_lowers_the_loss_and_matches_on_4_devices():
         axis_name=train_lib.AXIS,
         devices=jax.devices()[:4],
     )
-    first4, metrics4 = p_step(train_lib.replicate(state, jax.devices()[:4]), batch.reshape(4, 2, 8, 8, 1))
+    first4, metrics4 = p_step(distributed.replicate(state, jax.devices()[:4]), batch.reshape(4, 2, 8, 8, 1))
     jax.tree_util.tree_map(
         lambda a, b: np.testing.assert_allclose(a, b, rtol=2e-4, atol=1e-6),
         first.params,
-        train_lib.unreplicate(first4).params,
+        distributed.unreplicate(first4).params,
     )
     np.testing.assert_allclose(metrics4["loss"][0], metrics["loss"], rtol=1e-5)
     assert {"recon_bpd", "kl_bpd", "kl_1_bpd", "kl_2_bpd"} <= set(metrics)

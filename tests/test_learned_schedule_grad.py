@@ -14,8 +14,8 @@ import numpy as np
 import pytest
 from jax.flatten_util import ravel_pytree
 
-from configs import ddpm as ddpm_config
 from ddpm_jax import methods
+from ddpm_jax.configs import ddpm as ddpm_config
 from ddpm_jax.core import diffusion, schedules
 from ddpm_jax.methods.ddpm import log_snr_condition
 from ddpm_jax.models import learned_schedule

@@ -6,10 +6,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from diffusion_refs import BIN_CENTRES, LOG2, ErrorTable, b4, f64, linear_model, rand_batch, var_model, vp64
 
 from ddpm_jax.core import diffusion as D
 from ddpm_jax.core import schedules as S
+
+from helpers.diffusion_refs import BIN_CENTRES, LOG2, ErrorTable, b4, f64, linear_model, rand_batch, var_model, vp64
 
 ERRORS = ErrorTable("losses")
 record = ERRORS.record

@@ -9,6 +9,7 @@ the wheel.
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -16,8 +17,9 @@ import sysconfig
 import tomllib
 import zipfile
 
-import fault_utils as fu
 import pytest
+
+from helpers import fault_utils as fu
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCRIPTS = ("ddpm-train", "ddpm-sample", "ddpm-evaluate", "ddpm-ablate")
@@ -93,6 +95,16 @@ def test_the_wheel_holds_every_module_config_grid_and_the_license(wheel):
         assert f"{script} = " in entry_points
     extras = tomllib.load(open(os.path.join(ROOT, "pyproject.toml"), "rb"))["project"]["optional-dependencies"]
     assert {"gpu", "gpu-cuda12", "tpu"} <= set(extras)
+
+
+def test_the_pre_commit_ruff_is_the_pinned_ruff():
+    """.pre-commit-config.yaml's ruff hooks run the ruff that .ci/run checks with (the test extra's pin)."""
+    with open(os.path.join(ROOT, "pyproject.toml"), "rb") as f:
+        test_extra = tomllib.load(f)["project"]["optional-dependencies"]["test"]
+    (pin,) = [r.partition("==")[2] for r in test_extra if r.startswith("ruff==")]
+    with open(os.path.join(ROOT, ".pre-commit-config.yaml")) as f:
+        hook = re.search(r"repo: https://github\.com/astral-sh/ruff-pre-commit\s+rev: v(\S+)", f.read())
+    assert hook and hook.group(1) == pin, (hook and hook.group(1), pin)
 
 
 @pytest.mark.slow

@@ -26,11 +26,12 @@ import urllib.request
 import numpy as np
 import pytest
 from etils import epath
-from fault_utils import micro_config
 
 from ddpm_jax import fileio
 from ddpm_jax.evaluation import plots
 from ddpm_jax.training import loop, workdir_lock
+
+from helpers.fault_utils import micro_config
 
 BUCKET = "ddpm-test"
 _CLOSED = "127.0.0.1:9"  # discard port, nothing listens: a client that ignores our endpoints fails locally

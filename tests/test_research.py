@@ -15,17 +15,17 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from configs import ddpm as ddpm_config
-from configs import vae as vae_config
 from ddpm_jax import configuration, fileio, methods
 from ddpm_jax.commands import ablate, evaluate
+from ddpm_jax.configs import ddpm as ddpm_config
+from ddpm_jax.configs import vae as vae_config
 from ddpm_jax.core import baselines
-from ddpm_jax.data import pipeline
+from ddpm_jax.data import pipeline, splits
 from ddpm_jax.errors import ConfigError
 from ddpm_jax.evaluation import report
 from ddpm_jax.models import learned_schedule
 from ddpm_jax.run import load_run
-from ddpm_jax.training import checkpoint, loop, train_lib
+from ddpm_jax.training import checkpoint, distributed, loop, train_lib
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 GRID = """
@@ -121,9 +121,9 @@ def test_evaluate_scores_a_workdir_and_training_lowers_the_bound(sweep, steps_fo
     # The bound of an untrained model is finite and far above that of the (briefly) trained cell.
     run = load_run(workdir)
     steps = steps_for(run.config)  # the cell's compiled steps, reused
-    test_images = report.load_split(run.config, "test")[:32]
+    test_images = splits.load_split(run.config, "test")[:32]
     bpd = lambda params: report.evaluate_bpd(
-        steps.bpd, train_lib.replicate(params), test_images, run.config, jax.random.PRNGKey(0)
+        steps.p_bpd, distributed.replicate(params), test_images, run.config, jax.random.PRNGKey(0)
     )["total_bpd"]
     untrained = bpd(
         train_lib.create_train_state(run.method, train_lib.make_optimizer(run.config), jax.random.PRNGKey(1)).params

@@ -12,14 +12,21 @@ data law's std used to pass by 0.8 standard errors). That deficit is part of the
 test compares with the data law itself.
 """
 
+import dataclasses
+import importlib
+import re
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 from scipy import stats
 
+from ddpm_jax import methods
 from ddpm_jax.core import sampling
 from ddpm_jax.core.schedules import make_schedule
+from ddpm_jax.errors import ConfigError
+from ddpm_jax.methods.base import Sampler
 
 M, S = 0.3, 0.2
 T = 200
@@ -451,3 +458,76 @@ def test_samples_are_the_chain_clipped_to_the_data_range(sched):
     ]:
         assert abs(frac - p) < N_SE * np.sqrt(p * (1 - p) / N) + 1 / N, (frac, p)
     assert (samples == 1).mean() > 0.3  # p = 0.34 above 1 (and 1e-4 below -1): the clip is exercised
+
+
+# --- the methods' samplers mappings (ddpm_jax.methods): the one list validation, dispatch and the flags read
+
+
+def _runlocal_method(name, cls=None):
+    config = importlib.import_module(f"configs.{name}").get_config("runlocal")
+    return (cls or methods.REGISTRY[name])(config)
+
+
+@pytest.mark.parametrize("name", list(methods.REGISTRY))
+def test_a_methods_samplers_mapping_is_what_validation_reads(name):
+    method = _runlocal_method(name)
+    names = list(type(method).samplers)
+    assert names and all(isinstance(entry, Sampler) for entry in type(method).samplers.values())
+    assert method.default_sampler() == names[0] == "ancestral"
+    for sampler in names:  # every entry passes the name check (its own check may still ask for --steps)
+        try:
+            method.check_sampler(sampler, 5, 0.0)
+        except ConfigError as e:
+            assert "is not available" not in str(e)
+    for sampler in sorted(set(methods.SAMPLERS) - set(names)) + ["plms"]:
+        message = f"--sampler={sampler!r} is not available for method {name!r}; use one of {', '.join(names)}."
+        with pytest.raises(ConfigError, match=re.escape(message)):
+            method.check_sampler(sampler, 5, 0.0)
+        with pytest.raises(ConfigError, match=re.escape(message)):
+            method.sampler_label(sampler, 5)
+        with pytest.raises(ConfigError, match=re.escape(message)):  # dispatch reads the same mapping
+            method.sample(None, None, 1, sampler=sampler, num_steps=5, eta=0.0)
+    segment = dict(part.split(": ", 1) for part in methods.sampler_help().split("; "))[name]  # the flag's help
+    assert re.findall(r"(?:^|\), )([a-z]+) \(", segment) == names
+
+
+def test_the_sampler_flags_list_is_the_union_of_the_mappings_in_order():
+    union = tuple(dict.fromkeys(s for cls in methods.REGISTRY.values() for s in cls.samplers))
+    assert methods.SAMPLERS == union == ("ancestral", "respaced", "ddim")
+    expected = {"ddpm": ["ancestral", "respaced", "ddim"], "vdm": ["ancestral", "ddim"]}
+    for name, cls in methods.REGISTRY.items():
+        assert list(cls.samplers) == expected.get(name, ["ancestral"])
+
+
+def test_a_new_mapping_entry_is_all_a_sampler_needs():
+    """One entry added to a method's mapping: validated, dispatched and labelled with no other change."""
+    calls = []
+
+    def check(method, sampler, num_steps, eta):
+        calls.append((sampler, num_steps, eta))
+        if num_steps is None:
+            raise ConfigError(f"--sampler={sampler} needs --steps")
+
+    def draw(method, params, rng, num, *, num_steps, eta, num_frames):
+        return {"samples": (params, rng, num, num_steps, eta, num_frames)}
+
+    base = methods.REGISTRY["ddpm"]
+    probe = Sampler(draw, check=check, label="probe!")
+    Probed = type("Probed", (base,), {"samplers": {**base.samplers, "probe": probe}})
+    method = _runlocal_method("ddpm", Probed)
+    method.check_sampler("probe", 3, 0.5)
+    assert calls == [("probe", 3, 0.5)]
+    with pytest.raises(ConfigError, match="needs --steps"):
+        method.check_sampler("probe", None, 0.5)
+    with pytest.raises(ConfigError, match="--eta must lie in"):  # the checks every sampler shares come first
+        method.check_sampler("probe", 3, 1.5)
+    assert len(calls) == 2
+    out = method.sample("p", "k", 2, sampler="probe", num_steps=3, eta=0.5, num_frames=4)
+    assert out["samples"] == ("p", "k", 2, 3, 0.5, 4)
+    assert method.sampler_label("probe", 3) == "probe!"
+    assert method.sampler_label("ddim", 50) == "ddim50" and method.sampler_label("respaced", 100) == "respaced100"
+    assert method.sampler_label("ancestral", None) == "ancestral"
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        probe.label = "other"
+    with pytest.raises(ConfigError, match=re.escape("use one of ancestral, respaced, ddim.")):
+        _runlocal_method("ddpm").check_sampler("probe", 3, 0.5)  # the method's own mapping is unchanged

@@ -9,8 +9,9 @@ import socket
 import subprocess
 import sys
 
-import fault_utils as fu
 import pytest
+
+from helpers import fault_utils as fu
 
 pytestmark = pytest.mark.slow  # two train.py processes
 

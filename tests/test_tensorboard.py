@@ -5,7 +5,6 @@ import io
 import json
 import os
 
-import fault_utils as fu
 import numpy as np
 import pytest
 from PIL import Image
@@ -13,10 +12,12 @@ from tensorboard.backend.event_processing import event_accumulator
 from tensorboard.plugins.hparams import metadata as hparams_metadata
 from tensorboard.util import tensor_util
 
-from configs import ddpm as ddpm_config
+from ddpm_jax.configs import ddpm as ddpm_config
 from ddpm_jax.evaluation import plots
 from ddpm_jax.training import distributed, loop
 from ddpm_jax.training.metric_writer import MetricWriter, hparams
+
+from helpers import fault_utils as fu
 
 SESSION_TAG = hparams_metadata.SESSION_START_INFO_TAG
 

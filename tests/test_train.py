@@ -10,6 +10,7 @@ import os
 import subprocess
 import sys
 
+import flax.struct
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -17,11 +18,11 @@ import optax
 import pytest
 from PIL import Image
 
-from configs import ddpm as ddpm_config
 from ddpm_jax import methods
+from ddpm_jax.configs import ddpm as ddpm_config
 from ddpm_jax.data import pipeline
-from ddpm_jax.evaluation import plots
-from ddpm_jax.training import checkpoint, loop, train_lib
+from ddpm_jax.evaluation import plots, report, sample_lib
+from ddpm_jax.training import checkpoint, distributed, loop, train_lib
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -54,7 +55,7 @@ def test_one_step_same_update_on_1_and_4_devices(setup, train_images):
     config, state, steps = setup
     assert jax.local_device_count() == 4
     batch4 = next(pipeline.train_batches(train_images, 8, seed=0))  # [4, 2, 8, 8, 1]
-    new4, m4 = steps.train(train_lib.replicate(state), jnp.asarray(batch4))
+    new4, m4 = steps.p_train(distributed.replicate(state), jnp.asarray(batch4))
     # The same global batch on one device, through the same pure step.
     p_train1 = jax.pmap(
         functools.partial(train_lib.train_step, method=steps.method, config=config),
@@ -65,7 +66,7 @@ def test_one_step_same_update_on_1_and_4_devices(setup, train_images):
         jax.tree_util.tree_map(lambda x: np.asarray(x)[None], state),
         jnp.asarray(batch4.reshape((1, 8) + batch4.shape[2:])),
     )
-    p4, p1 = train_lib.unreplicate(new4).params, train_lib.unreplicate(new1).params
+    p4, p1 = distributed.unreplicate(new4).params, distributed.unreplicate(new1).params
     before = state.params
     moved = jax.tree_util.tree_reduce(max, jax.tree_util.tree_map(lambda a, b: float(jnp.abs(a - b).max()), p4, before))
     assert moved > 1e-6  # the step changed something (warm-up's first lr is lr / warmup_steps)
@@ -76,11 +77,11 @@ def test_one_step_same_update_on_1_and_4_devices(setup, train_images):
 @pytest.mark.slow
 def test_loss_falls_on_digits(setup, train_images):
     config, state, steps = setup
-    rstate = train_lib.replicate(state)
+    rstate = distributed.replicate(state)
     batches = pipeline.train_batches(train_images, 8, seed=0)
     losses = []
     for _ in range(60):
-        rstate, metrics = steps.train(rstate, next(batches))
+        rstate, metrics = steps.p_train(rstate, next(batches))
         losses.append(float(np.mean(metrics["loss"])))
     assert np.all(np.isfinite(losses))
     assert np.mean(losses[-10:]) < 0.7 * np.mean(losses[:10]), losses
@@ -89,13 +90,13 @@ def test_loss_falls_on_digits(setup, train_images):
 @pytest.mark.slow
 def test_draw_samples_merges_the_devices_draws(setup):
     config, state, steps = setup
-    params, rng = train_lib.replicate(state.ema_params), jax.random.PRNGKey(3)
-    out = train_lib.draw_samples(steps.sample, params, rng, 6, num_frames=4)
+    params, rng = distributed.replicate(state.ema_params), jax.random.PRNGKey(3)
+    out = sample_lib.draw_samples(steps.p_sample, params, rng, 6, num_frames=4)
     assert out["samples"].shape == (6, 8, 8, 1)
     assert out["frames"].shape == out["pred_x0"].shape == (4, 6, 8, 8, 1)
     assert out["frame_t"][0] == config.diffusion.num_timesteps - 1 and out["frame_t"][-1] == 0
     # The values: each device's 2 draws in device order, the first 6 of the 8 (the same compiled step).
-    raw = jax.device_get(steps.sample(params, rng, 2, 4, "ancestral", None, 0.0))
+    raw = jax.device_get(steps.p_sample(params, rng, 2, 4, "ancestral", None, 0.0))
     np.testing.assert_array_equal(out["samples"], raw["samples"].reshape(8, 8, 8, 1)[:6])
     np.testing.assert_array_equal(out["frames"], np.moveaxis(raw["frames"], 0, 1).reshape(4, 8, 8, 8, 1)[:, :6])
     # The last frame is x_0 before the final clip to the data range; the samples are that clip.
@@ -196,6 +197,50 @@ def test_train_and_sample_scripts_end_to_end(tmp_path, data_dir):
         timeout=600,
     )
     assert bad.returncode != 0 and "train.py" in bad.stderr
+
+
+def test_every_picks_the_periodic_steps():
+    assert [s for s in range(1, 8) if loop.every(s, 3, 7)] == [3, 6, 7]  # and the last step
+    assert [s for s in range(1, 7) if loop.every(s, 3, 6, at_last=False)] == [3]  # never the last step
+
+
+@flax.struct.dataclass
+class _StateBefore:  # a train state as checkpoints named its fields before a rename
+    step: jax.Array
+    params: dict
+    loss_history: dict
+
+
+@flax.struct.dataclass
+class _StateNow:
+    step: jax.Array
+    params: dict
+    method_state: dict
+
+
+def test_a_checkpoint_from_before_a_field_rename_restores(tmp_path):
+    """checkpoint.RENAMED_FIELDS: runs saved with TrainState.loss_history restore into method_state."""
+    before = _StateBefore(
+        step=np.int32(3), params={"w": np.arange(4.0, dtype=np.float32)}, loss_history={"counts": np.ones(5, np.int32)}
+    )
+    mngr = checkpoint.make_manager(str(tmp_path))
+    checkpoint.save(mngr, before)
+    checkpoint.wait_until_finished(mngr)
+    target = _StateNow(
+        step=np.int32(0), params={"w": np.zeros(4, np.float32)}, method_state={"counts": np.zeros(5, np.int32)}
+    )
+    now = checkpoint.restore_latest(checkpoint.make_manager(str(tmp_path), read_only=True), target)
+    assert isinstance(now, _StateNow) and int(now.step) == 3
+    np.testing.assert_array_equal(now.params["w"], before.params["w"])
+    np.testing.assert_array_equal(now.method_state["counts"], before.loss_history["counts"])
+
+
+def test_final_evaluators_follow_the_config(data_dir):
+    config = tiny_config(data_dir)
+    assert report.final_evaluators(config) == ["samples", "curves"]  # tiny_config: final_bpd = False
+    config.training.final_bpd = True
+    assert report.final_evaluators(config) == ["samples", "curves", "bound"]
+    assert set(report.final_evaluators(config)) <= set(report.FINAL_EVALUATORS)
 
 
 def test_ema_decay_warms_up_and_lr_starts_above_zero():

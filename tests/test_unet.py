@@ -11,8 +11,8 @@ import ml_collections
 import numpy as np
 import pytest
 
-from configs import cifar10
-from configs import ddpm as ddpm_config
+from ddpm_jax.configs import cifar10
+from ddpm_jax.configs import ddpm as ddpm_config
 from ddpm_jax.models import UNet, create_model
 from ddpm_jax.models.layers import AttnBlock, group_norm
 

@@ -76,10 +76,15 @@ def load_grid(path: str) -> dict:
 
 def cell_config(grid: dict, name: str, extra: dict | None = None) -> ml_collections.ConfigDict:
     """The base config with the common, the cell's and the extra overrides applied (each field must exist)."""
+    from ddpm_jax.training.validation import unread_field_error  # the methods: imported only when used
+
     overrides = {**grid.get("overrides", {}), **grid["cells"][name], **(extra or {})}
     config = load_config_file(overrides.pop("config", grid.get("base", "ddpm")))
     for dotted, value in overrides.items():
         try:
+            error = unread_field_error(config, dotted, fields=False)  # a field the cell's method would silently ignore
+            if error is not None:
+                raise error
             configuration.set_field(config, dotted, value)
         except ConfigError as e:
             raise ConfigError(f"grid cell {name!r}: {e}") from None
@@ -149,10 +154,10 @@ def run_cell(
 def histogram_row(config: ml_collections.ConfigDict) -> dict:
     """The independent-pixel histogram baseline's row (digits: fitted on train, scored on test)."""
     from ddpm_jax.core import baselines
-    from ddpm_jax.evaluation import report
+    from ddpm_jax.data import splits
 
     bpd = baselines.pixel_histogram_bpd(
-        report.load_split(config, config.data.train_split), report.load_split(config, config.data.eval_split)
+        splits.load_split(config, config.data.train_split), splits.load_split(config, config.data.eval_split)
     )
     return {"cell": "baseline: pixel histogram", "total_bpd": bpd, "overrides": "independent per-pixel categorical"}
 
@@ -251,8 +256,9 @@ def run_grid(
             raise ConfigError(f"--only: {unknown} not in the grid; its cells are {', '.join(names)}.")
         names = [n for n in names if n in only]
     for name in names:  # every cell's config is checked before the first one trains
+        config = cell_config(grid, name, extra)  # names the cell in its own errors
         try:
-            validate_config(cell_config(grid, name, extra))
+            validate_config(config)
         except ConfigError as e:
             raise ConfigError(f"grid cell {name!r}: {e}") from None
     cells_dir = os.fspath(fileio.as_path(out) / "cells")

@@ -36,9 +36,14 @@ def check_config_flags(argv: list[str], default_spec: str) -> ml_collections.Con
         if m:
             spec = m.group(1) if m.group(1) is not None else (args[i + 1] if i + 1 < len(args) else default_spec)
     config = load_config_file(spec)
+    from ddpm_jax.training.validation import unread_field_error  # the methods: imported only to check
+
     for arg in args:
         m = _OVERRIDE.match(arg)
         if m:
+            error = unread_field_error(config, m.group(1), fields=False)  # a field the method would silently ignore
+            if error is not None:
+                raise error
             lookup_field(config, m.group(1))
     return config
 

@@ -21,9 +21,9 @@ from absl import flags
 from ddpm_jax import fileio, methods
 from ddpm_jax.commands import cli
 from ddpm_jax.errors import ConfigError
-from ddpm_jax.evaluation import plots, report
+from ddpm_jax.evaluation import plots, report, sample_lib
 from ddpm_jax.run import WHICH, load_run
-from ddpm_jax.training import train_lib
+from ddpm_jax.training import distributed, train_lib
 
 
 def evaluate_workdir(
@@ -53,22 +53,26 @@ def evaluate_workdir(
         from ddpm_jax.evaluation import digits_classifier
 
         digits_classifier.load_or_train()
-    if sampler not in method.samplers:  # the method's own sampler (VDM: a num_steps chain; VAE: one pass)
-        sampler = method.samplers[0]
+    if sampler not in method.samplers:  # the method's own default (VDM: a num_steps chain; VAE: one pass)
+        sampler = method.default_sampler()
     if sampler != "ancestral" and num_steps is not None:
         num_steps = min(num_steps, getattr(method, "num_timesteps", num_steps))
     method.check_sampler(sampler, num_steps, eta)
     steps = train_lib.compile_steps(method, config, bpd_strata=strata)
-    weights = train_lib.replicate(run.params)
+    weights = distributed.replicate(run.params)
     out_dir = fileio.as_path(workdir) / "eval"
     out_dir.mkdir(parents=True, exist_ok=True)
     result = {"workdir": workdir, "step": run.step, "params": params}
     rng = jax.random.PRNGKey(seed)
     start = time.time()
-    test_images = report.load_split(config, config.data.eval_split) if bpd or ode_images else None
+    test_images = None
+    if bpd or ode_images:  # the input pipeline (and TensorFlow) only when a split is read
+        from ddpm_jax.data import splits
+
+        test_images = splits.load_split(config, config.data.eval_split)
     if bpd:
         batch = bpd_batch_size or config.training.bpd_batch_size or config.training.batch_size
-        numbers = report.evaluate_bpd(steps.bpd, weights, test_images, config, rng, batch_size=batch)
+        numbers = report.evaluate_bpd(steps.p_bpd, weights, test_images, config, rng, batch_size=batch)
         if "vb_per_t" in numbers:
             plots.plot_vb_terms(
                 numbers.pop("vb_per_t"),
@@ -88,8 +92,8 @@ def evaluate_workdir(
         result["ode_time_s"] = time.time() - start
     if quality:
         start = time.time()
-        samples = train_lib.draw_samples(
-            steps.sample,
+        samples = sample_lib.draw_samples(
+            steps.p_sample,
             weights,
             jax.random.fold_in(rng, 1),
             num_samples,
@@ -121,7 +125,12 @@ def cli_main() -> None:
     _BPD = flags.DEFINE_bool("bpd", True, "Compute the test-split bound (all T terms).")
     _QUALITY = flags.DEFINE_bool("quality", True, "Draw samples and compute the Fréchet distance (digits).")
     _NUM = flags.DEFINE_integer("num_samples", 500, "Samples for the Fréchet distance.", lower_bound=2)
-    _SAMPLER = flags.DEFINE_enum("sampler", "respaced", list(methods.SAMPLERS), "Sampler for quality.")
+    _SAMPLER = flags.DEFINE_enum(
+        "sampler",
+        "respaced",
+        list(methods.SAMPLERS),
+        f"Sampler for quality; one the method lacks falls back to its first. {methods.sampler_help()}.",
+    )
     _STEPS = flags.DEFINE_integer("steps", 100, "Steps of the respaced / DDIM sampler.", lower_bound=1)
     _ETA = flags.DEFINE_float("eta", 0.0, "DDIM eta.")
     _SEED = flags.DEFINE_integer("seed", 0, "Seed of the bound's noise and of the samples.")

@@ -2,7 +2,8 @@
 
     ddpm-sample --workdir=runs/default [--num=64] [--strip] [--sampler=ddim --steps=50 --eta=0]
 
-Samplers: `--sampler=ancestral` (all T steps), `--sampler=respaced --steps=100`, `--sampler=ddim --steps=50 --eta=0`.
+Samplers: `--sampler=ancestral` (all T steps), `--sampler=respaced --steps=100`, `--sampler=ddim --steps=50 --eta=0`
+(each method's are its `samplers` mapping, ddpm_jax.methods; --help lists them).
 Writes an .npz and a PNG grid of the samples (EMA params of the latest checkpoint).
 """
 
@@ -25,13 +26,14 @@ def define_flags():
         "Where the grid goes: a .png path, a bare name (.png is added) or a folder; "
         "the .npz goes beside it. Default <workdir>/sample_seed<seed>.png.",
     )
-    strip = flags.DEFINE_bool("strip", False, "Also write a denoising strip (x_T to x_0; not with ddim).")
+    strip = flags.DEFINE_bool(
+        "strip", False, "Also write a denoising strip (x_T to x_0; a chain's samplers only, not ddim)."
+    )
     sampler = flags.DEFINE_enum(
         "sampler",
         None,
         list(methods.SAMPLERS),
-        "Default: the method's first. ancestral: all T steps (Ho et al.); respaced: --steps "
-        "steps with recomputed betas (Improved DDPM); ddim: --steps steps with --eta (Song et al.).",
+        f"Default: the method's first. {methods.sampler_help()}.",
     )
     steps = flags.DEFINE_integer("steps", None, "Sampling steps K <= T for respaced and ddim.", lower_bound=1)
     eta = flags.DEFINE_float("eta", 0.0, "DDIM eta in [0, 1]: 0 deterministic, 1 ancestral-like.")

@@ -39,14 +39,38 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
+from typing import NamedTuple
 
 import chex
 import jax
 import jax.numpy as jnp
 
 from ddpm_jax.core.diffusion import mean_flat, normal_kl
-from ddpm_jax.core.vae import _nats_to_bpd, _recon_bpd, gaussian_kl_standard
-from ddpm_jax.models.hvae import HVAEOutputs, hvae_latent_shape_of
+from ddpm_jax.core.vae import _nats_to_bpd, _recon_bpd, gaussian_kl_standard, latent_dim_of
+
+
+class HVAEOutputs(NamedTuple):
+    """One bottom-up pass and the top-down conditionals at its draws (level l is index l - 1).
+
+    q_means, q_logvars: [B, L, k] parameters of q(z_1 | x), q(z_l | z_{l-1}).
+    zs: [B, L, k] the draws z_l = q_mean + exp(q_logvar / 2) * noise_l.
+    p_means, p_logvars: [B, L - 1, k] parameters of p(z_l | z_{l+1}) at the drawn z_{l+1}, l = 1..L-1.
+    means, log_scales: [B, H, W, C] the decoder p(x | z_1).
+    """
+
+    q_means: jnp.ndarray
+    q_logvars: jnp.ndarray
+    zs: jnp.ndarray
+    p_means: jnp.ndarray
+    p_logvars: jnp.ndarray
+    means: jnp.ndarray
+    log_scales: jnp.ndarray
+
+
+def hvae_latent_shape_of(params) -> tuple[int, int]:
+    """(num_levels, latent_dim) of an HVAE from its parameters."""
+    return 1 + sum(name.startswith("posterior_") for name in params), latent_dim_of(params["vae"])
+
 
 ApplyFn = Callable[..., HVAEOutputs]
 LOG_2PI = math.log(2.0 * math.pi)

@@ -27,9 +27,19 @@ import jax.numpy as jnp
 import numpy as np
 
 from ddpm_jax.core.diffusion import discretized_gaussian_log_likelihood, mean_flat
-from ddpm_jax.models.vae import latent_dim_of, reparameterize
 
 ApplyFn = Callable[..., tuple]
+
+
+def reparameterize(mean: chex.Array, logvar: chex.Array, noise: chex.Array) -> jnp.ndarray:
+    """z = mean + exp(logvar / 2) * noise: a draw of N(mean, diag exp(logvar)) that is
+    differentiable in (mean, logvar) (Kingma & Welling 2014, section 2.4; lecture 3)."""
+    return mean + jnp.exp(0.5 * logvar) * noise
+
+
+def latent_dim_of(params) -> int:
+    """latent_dim of a VAE from its parameters (the encoder's output is 2 * latent_dim wide)."""
+    return params["encoder_out"]["kernel"].shape[-1] // 2
 
 
 def gaussian_kl_standard(mean: chex.Array, logvar: chex.Array) -> jnp.ndarray:

@@ -1,48 +1,36 @@
 """Evaluation of a run's parameters on its test split, and the end-of-run report.
 
-The training loop calls these at its eval steps and once at the end; evaluate.py calls them on a
-finished run. Every process computes (the bound is a collective); process 0 writes the files.
+The training loop calls `evaluate_loss` at its eval steps and `final_report` once at the end;
+evaluate.py calls `evaluate_bpd` on a finished run. Every process computes (the bound is a
+collective); process 0 writes the files.
+
+The end-of-run report is a list of small evaluators (`FINAL_EVALUATORS`), each a function of a
+`FinalContext` that writes its files and returns its numbers for results.json; the config chooses
+them (`final_evaluators`): the samples (grid, denoising strip), the curves, and the test bound when
+config.training.final_bpd.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import time
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
 
 import jax
+import ml_collections
 import numpy as np
+from etils import epath
 from tqdm.auto import tqdm
 
 from ddpm_jax import fileio
-from ddpm_jax.errors import DataError
-from ddpm_jax.evaluation import plots
-from ddpm_jax.training import distributed, train_lib
+from ddpm_jax.evaluation import plots, sample_lib
+from ddpm_jax.training import distributed
 
-
-def load_split(config, split: str):
-    """This process's shard of a split, uint8 [N, H, W, C] fitted to the config's image size (or a
-    pipeline.StreamedSplit of that shape with config.data.in_memory=False), checked against the config."""
-    from ddpm_jax.data import pipeline
-
-    try:
-        images = pipeline.load_images(
-            config.data.dataset,
-            split,
-            config.data.data_dir,
-            image_size=config.data.image_size,
-            channels=config.data.channels,
-            in_memory=config.data.get("in_memory", True),
-        )
-    except RuntimeError as e:  # not prepared and cannot be downloaded here
-        raise DataError(str(e)) from e
-    want = (config.data.image_size, config.data.image_size, config.data.channels)
-    if images.shape[1:] != want:
-        raise DataError(
-            f"dataset {config.data.dataset!r} has images of shape {images.shape[1:]} but the config "
-            f"says {want}: set config.data.image_size={images.shape[1]} and "
-            f"config.data.channels={images.shape[3]}."
-        )
-    return images
+if TYPE_CHECKING:  # annotations only
+    from ddpm_jax.training.metric_writer import MetricWriter
+    from ddpm_jax.training.train_lib import CompiledSteps
 
 
 def num_eval_batches(test_images: np.ndarray, global_batch: int) -> int:
@@ -59,7 +47,7 @@ def _sum_batches(step_fn, params, test_images, batch_size: int, rng, num_batches
     if progress:
         batches = tqdm(list(batches), desc=progress, unit="batch", disable=not distributed.is_main_process())
     for batch, mask in batches:
-        out = train_lib.unreplicate(step_fn(params, batch, mask, rng))
+        out = distributed.unreplicate(step_fn(params, batch, mask, rng))
         sums = out if sums is None else jax.tree_util.tree_map(np.add, sums, out)
     return sums
 
@@ -98,48 +86,116 @@ def params_digest(params) -> str:
     return digest.hexdigest()
 
 
-def final_report(config, workdir: str, steps, rstate, test_images, eval_rng, writer, start_time: float) -> dict:
-    """The end of a run: sample grid, denoising strip, curves and the test bound (EMA params), in
-    <workdir>/results.json and PNGs beside it; returns the results."""
-    is_main = distributed.is_main_process()
-    results = {
-        "step": int(train_lib.unreplicate(rstate.step)),
-        "params_sha256": params_digest(train_lib.unreplicate(rstate.params)),
-    }
-    out = train_lib.draw_samples(
-        steps.sample,
-        rstate.ema_params,
-        jax.random.fold_in(eval_rng, -1 % 2**31),
-        config.sampling.num_samples,
+@dataclasses.dataclass(frozen=True)
+class FinalContext:
+    """What the end-of-run evaluators read: the run's config, workdir, steps and replicated state,
+    its test split, the evaluation key, the metric writer and the final step."""
+
+    config: ml_collections.ConfigDict
+    workdir: epath.Path
+    steps: CompiledSteps
+    rstate: Any  # replicated train_lib.TrainState
+    test_images: Any
+    eval_rng: jax.Array
+    writer: MetricWriter
+    step: int
+    is_main: bool
+
+
+def final_samples(ctx: FinalContext) -> dict:
+    """The EMA params' samples with their denoising frames: samples.npz, the grid samples.png and
+    denoising_strip.png (where the method has a chain), also as TensorBoard images."""
+    out = sample_lib.draw_samples(
+        ctx.steps.p_sample,
+        ctx.rstate.ema_params,
+        jax.random.fold_in(ctx.eval_rng, -1 % 2**31),
+        ctx.config.sampling.num_samples,
         num_frames=10,
     )
-    where = fileio.as_path(workdir)
-    if is_main:
-        fileio.save_npz(where / "samples.npz", samples=out["samples"])  # the arrays before any picture
-        results["samples_png"] = plots.save_grid(out["samples"], where / "samples.png")
-        writer.write_images(results["step"], {"samples/ema": plots.image_grid(out["samples"])})
-        if "frames" in out:  # a method without a chain (the VAE) has none to show
-            results["strip_png"] = plots.save_strip(out["frames"][:, :8], where / "denoising_strip.png")
-            writer.write_images(results["step"], {"samples/denoising_strip": plots.strip_image(out["frames"][:, :8])})
-        plots.plot_curves(writer.records(), ["loss", "test_loss"], where / "loss.png", "training loss")
-    if config.training.final_bpd:
-        # The bound costs T network calls per image: one large batch wastes the least on padding.
-        bpd_batch = config.training.bpd_batch_size or config.training.batch_size
-        bpd = evaluate_bpd(
-            steps.bpd,
-            rstate.ema_params,
-            test_images,
-            config,
-            eval_rng,
-            batch_size=bpd_batch,
-            num_batches=num_eval_batches(test_images, bpd_batch),
-        )
-        vb_per_t = bpd.pop("vb_per_t", None)
-        if is_main and vb_per_t is not None:
-            plots.plot_vb_terms(vb_per_t, where / "bpd_terms.png", f"test bound: {bpd['total_bpd']:.3f} bits/dim")
-        writer.write(results["step"], {f"test_{k}": v for k, v in bpd.items()})
-        results.update(bpd, bpd_method=steps.method.bound_description(config.training.final_bpd_strata))
+    if not ctx.is_main:
+        return {}
+    fileio.save_npz(ctx.workdir / "samples.npz", samples=out["samples"])  # the arrays before any picture
+    results = {"samples_png": plots.save_grid(out["samples"], ctx.workdir / "samples.png")}
+    ctx.writer.write_images(ctx.step, {"samples/ema": plots.image_grid(out["samples"])})
+    if "frames" in out:  # a method without a chain (the VAE) has none to show
+        results["strip_png"] = plots.save_strip(out["frames"][:, :8], ctx.workdir / "denoising_strip.png")
+        ctx.writer.write_images(ctx.step, {"samples/denoising_strip": plots.strip_image(out["frames"][:, :8])})
+    return results
+
+
+def final_curves(ctx: FinalContext) -> dict:
+    """loss.png: the training and test loss over the run (from the metric writer's records)."""
+    if ctx.is_main:
+        plots.plot_curves(ctx.writer.records(), ["loss", "test_loss"], ctx.workdir / "loss.png", "training loss")
+    return {}
+
+
+def final_bound(ctx: FinalContext) -> dict:
+    """The EMA params' test bound in bits/dim (steps.p_bpd: config.training.final_bpd_strata), with
+    bpd_terms.png when it has all T terms; also written as test_* metrics."""
+    config = ctx.config
+    # The bound costs T network calls per image: one large batch wastes the least on padding.
+    bpd_batch = config.training.bpd_batch_size or config.training.batch_size
+    bpd = evaluate_bpd(
+        ctx.steps.p_bpd,
+        ctx.rstate.ema_params,
+        ctx.test_images,
+        config,
+        ctx.eval_rng,
+        batch_size=bpd_batch,
+        num_batches=num_eval_batches(ctx.test_images, bpd_batch),
+    )
+    vb_per_t = bpd.pop("vb_per_t", None)
+    if ctx.is_main and vb_per_t is not None:
+        plots.plot_vb_terms(vb_per_t, ctx.workdir / "bpd_terms.png", f"test bound: {bpd['total_bpd']:.3f} bits/dim")
+    ctx.writer.write(ctx.step, {f"test_{k}": v for k, v in bpd.items()})
+    return {**bpd, "bpd_method": ctx.steps.method.bound_description(config.training.final_bpd_strata)}
+
+
+FINAL_EVALUATORS: dict[str, Callable[[FinalContext], dict]] = {
+    "samples": final_samples,
+    "curves": final_curves,
+    "bound": final_bound,
+}
+
+
+def final_evaluators(config: ml_collections.ConfigDict) -> list[str]:
+    """The names of the evaluators a run ends with, in order: the samples and the curves, then the
+    test bound when config.training.final_bpd."""
+    return ["samples", "curves"] + (["bound"] if config.training.final_bpd else [])
+
+
+def final_report(
+    *,
+    config: ml_collections.ConfigDict,
+    workdir: str,
+    steps: CompiledSteps,
+    rstate,
+    test_images,
+    eval_rng: jax.Array,
+    writer: MetricWriter,
+    start_time: float,
+) -> dict:
+    """The end of a run: the config's `final_evaluators` on the EMA params, their numbers in
+    <workdir>/results.json (with the step, the raw params' digest and the wall time) and their
+    files beside it; returns the results."""
+    is_main = distributed.is_main_process()
+    step = int(distributed.unreplicate(rstate.step))
+    results = {"step": step, "params_sha256": params_digest(distributed.unreplicate(rstate.params))}
+    ctx = FinalContext(
+        config=config,
+        workdir=fileio.as_path(workdir),
+        steps=steps,
+        rstate=rstate,
+        test_images=test_images,
+        eval_rng=eval_rng,
+        writer=writer,
+        step=step,
+        is_main=is_main,
+    )
+    for name in final_evaluators(config):
+        results.update(FINAL_EVALUATORS[name](ctx))
     results["wall_time_s"] = time.time() - start_time
     if is_main:
-        fileio.atomic_write_json(where / "results.json", results)
+        fileio.atomic_write_json(ctx.workdir / "results.json", results)
     return results

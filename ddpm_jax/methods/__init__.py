@@ -12,7 +12,16 @@ from ddpm_jax.methods.vae import VAE
 from ddpm_jax.methods.vdm import VDM
 
 REGISTRY: dict[str, type[Method]] = {cls.name: cls for cls in (DDPM, VAE, VDM, HVAE)}
-SAMPLERS = tuple(dict.fromkeys(s for cls in REGISTRY.values() for s in cls.samplers))  # every method's
+# Every method's sampler names, read off their `samplers` mappings (the methods' order, then each mapping's).
+SAMPLERS = tuple(dict.fromkeys(s for cls in REGISTRY.values() for s in cls.samplers))
+
+
+def sampler_help() -> str:
+    """The samplers of each method, for a --sampler flag's help: "ddpm: ancestral (all T steps ...), ..."."""
+    describe = lambda name, entry: f"{name} ({entry.doc})" if entry.doc else name
+    return "; ".join(
+        f"{cls.name}: " + ", ".join(describe(n, e) for n, e in cls.samplers.items()) for cls in REGISTRY.values()
+    )
 
 
 def method_class(config: ml_collections.ConfigDict) -> type[Method]:

@@ -11,8 +11,10 @@ Randomness: the steps hand a method one key per example, derived from the exampl
 from __future__ import annotations
 
 import abc
+import dataclasses
 import functools
-from typing import Any
+from collections.abc import Callable, Mapping
+from typing import Any, ClassVar
 
 import chex
 import jax
@@ -21,17 +23,45 @@ import ml_collections
 Params = Any
 
 
+@dataclasses.dataclass(frozen=True)
+class Sampler:
+    """One entry of a method's `samplers` mapping: everything the run layer knows about a sampler.
+
+    draw(method, params, rng, num, *, num_steps, eta, num_frames) -> dict: what `Method.sample`
+      returns (`samples`, and with num_frames > 0 the chain's `frames`, `pred_x0`, `frame_t` where
+      it has them); `sampler`, `num_steps` and `eta` are static (Python values) under jit.
+    check(method, name, num_steps, eta): raises errors.ConfigError for --steps / --eta values this
+      sampler cannot take on this method and config (run after the checks every sampler shares).
+    label: how tables name its runs; None: the name, followed by --steps when given ("respaced100").
+    frames: whether sample.py --strip asks it for the chain's frames.
+    doc: a short description for the --sampler flag's help.
+    """
+
+    draw: Callable[..., dict]
+    check: Callable[..., None] | None = None
+    label: str | None = None
+    frames: bool = True
+    doc: str = ""
+
+
 class Method(abc.ABC):
     """A trainable generative model with a bound in bits/dim.
 
-    Subclasses set `name`, `samplers` (the sampler names `sample` accepts; the first is the
-    default) and `frozen_fields` (config fields a resume must not change), and build `self.model`
-    (a Flax module) in `__init__`.
+    Subclasses set `name`, `samplers` (sampler name -> `Sampler`: the one place a method's samplers
+    are listed; validation, dispatch, table labels and the --sampler flag all read it, and its first
+    entry is the default) and `frozen_fields` (config fields a resume must not change), and build
+    `self.model` (a Flax module) in `__init__`.
     """
 
     name: str = ""
-    samplers: tuple[str, ...] = ("ancestral",)
+    samplers: ClassVar[Mapping[str, Sampler]] = {}
     frozen_fields: tuple[str, ...] = ("data.image_size", "data.channels")
+    # The config sections the method reads: the shared ones it uses and its own (`section`). Any other
+    # section, and any field its shipped config (`default_config`, a name in configs/) lacks, is refused
+    # by training.validation before anything is built, so an ablation over it cannot give identical cells.
+    shared_sections: tuple[str, ...] = ("data", "model", "training", "optim", "sampling")
+    section: str = ""
+    default_config: str = ""
 
     def __init__(self, config: ml_collections.ConfigDict):
         self.config = config
@@ -57,14 +87,17 @@ class Method(abc.ABC):
         """`self.model.init`, jitted once per method: eager init dispatches op by op, a new jit compiles again."""
         return jax.jit(self.model.init)
 
-    def init_loss_history(self):
-        """Per-method training state beside the params (e.g. the importance sampler's history)."""
+    def init_method_state(self):
+        """The method's own training state, kept in the train state beside the params and
+        checkpointed with it (e.g. the DDPM importance sampler's loss history); None: none."""
         return None
 
     # ------------------------------------------------------------------ training
     @abc.abstractmethod
-    def draw_training_inputs(self, keys: chex.PRNGKey, x: chex.Array, loss_history, *, position) -> dict:
+    def draw_training_inputs(self, keys: chex.PRNGKey, x: chex.Array, method_state, *, position) -> dict:
         """The per-example random inputs of the loss, from one key per example, outside the gradient.
+
+        method_state: the method's own training state (`init_method_state`), or None.
 
         position = (index [B], global batch size): each example's place in the global batch, for
         draws stratified over the batch (low-discrepancy t).
@@ -83,9 +116,11 @@ class Method(abc.ABC):
     ) -> dict:
         """Per-example training loss `loss` [B] and its parts (logged as their batch means)."""
 
-    def update_loss_history(self, history, inputs: dict, terms: dict, gather):
-        """The loss history after a step; `gather(x)` collects an array over the whole global batch."""
-        return history
+    def update_method_state(self, state, inputs: dict, terms: dict, gather):
+        """The method's own state after a step, from this step's inputs and loss terms (called only
+        when `init_method_state` is not None); `gather(x)` collects an array over the whole global
+        batch, in global order. A non-finite step keeps the old state."""
+        return state
 
     # ------------------------------------------------------------------ evaluation
     @abc.abstractmethod
@@ -112,7 +147,22 @@ class Method(abc.ABC):
         return None
 
     # ------------------------------------------------------------------ sampling
-    @abc.abstractmethod
+    @classmethod
+    def default_sampler(cls) -> str:
+        """The first entry of `samplers`: what sample.py and `Run.sample` use without --sampler."""
+        return next(iter(cls.samplers))
+
+    def _sampler(self, sampler: str) -> Sampler:
+        """The `samplers` entry named `sampler`; errors.ConfigError listing the names when there is none."""
+        from ddpm_jax.errors import ConfigError
+
+        if sampler not in self.samplers:
+            raise ConfigError(
+                f"--sampler={sampler!r} is not available for method {self.name!r}; use one of "
+                f"{', '.join(self.samplers)}."
+            )
+        return self.samplers[sampler]
+
     def sample(
         self,
         params: Params,
@@ -125,22 +175,27 @@ class Method(abc.ABC):
         num_frames: int = 0,
     ) -> dict:
         """`num` samples [num, H, W, C] in [-1, 1] (`samples`), and with num_frames > 0 the chain's
-        frames (`frames`, `pred_x0` [F, num, H, W, C], `frame_t` [F]) where the method has a chain."""
+        frames (`frames`, `pred_x0` [F, num, H, W, C], `frame_t` [F]) where the sampler has a chain:
+        the `draw` of `samplers[sampler]` (check_sampler validates its arguments beforehand)."""
+        draw = self._sampler(sampler).draw
+        return draw(self, params, rng, num, num_steps=num_steps, eta=eta, num_frames=num_frames)
 
     def check_sampler(self, sampler: str, num_steps: int | None, eta: float) -> None:
-        """Raises errors.ConfigError when `sampler` cannot run on this method and config."""
+        """Raises errors.ConfigError when `sampler` cannot run on this method and config: a name
+        missing from `samplers`, an eta outside [0, 1], then the entry's own `check`."""
         from ddpm_jax.errors import ConfigError
 
-        if sampler not in self.samplers:
-            raise ConfigError(
-                f"--sampler={sampler!r} is not available for method {self.name!r}; use one of "
-                f"{', '.join(self.samplers)}."
-            )
+        entry = self._sampler(sampler)
         if not 0.0 <= eta <= 1.0:
             raise ConfigError(f"--eta must lie in [0, 1] (0: deterministic DDIM, 1: DDPM-like), got {eta!r}.")
+        if entry.check is not None:
+            entry.check(self, sampler, num_steps, eta)
 
     def sampler_label(self, sampler: str, num_steps: int | None) -> str:
-        """How tables name a sampler run: "respaced100", "ddim50", "ancestral"."""
+        """How tables name a sampler run: the entry's `label`, else "respaced100", "ddim50", "ancestral"."""
+        label = self._sampler(sampler).label
+        if label is not None:
+            return label
         return sampler if num_steps is None else f"{sampler}{num_steps}"
 
     # ------------------------------------------------------------------ loading a trained run

@@ -24,7 +24,7 @@ from absl import logging
 from ddpm_jax import checks
 from ddpm_jax.core import diffusion, likelihood, sampling, schedules, timesteps
 from ddpm_jax.errors import ConfigError
-from ddpm_jax.methods.base import Method, example_noise
+from ddpm_jax.methods.base import Method, Sampler, example_noise
 from ddpm_jax.models import learned_schedule
 from ddpm_jax.models.unet import create_model as create_unet
 
@@ -62,9 +62,9 @@ def decoder_noise(keys, shape) -> jax.Array:
 
 
 class DDPM(Method):
-    name = "ddpm"
-    samplers = ("ancestral", "respaced", "ddim")
+    name = "ddpm"  # samplers: ancestral, respaced, ddim (the mapping closes the sampling section)
     frozen_fields = ("data.image_size", "data.channels", "model", "diffusion")
+    section, default_config = "diffusion", "ddpm"
 
     def __init__(self, config: ml_collections.ConfigDict):
         super().__init__(config)
@@ -231,7 +231,8 @@ class DDPM(Method):
         )
         return 0.5 * log_var[0]
 
-    def init_loss_history(self):
+    def init_method_state(self):
+        """The importance sampler's loss history (timesteps.LossHistory); None for the uniform t."""
         if self.config.diffusion.timestep_sampler == "importance":
             return timesteps.init_loss_history(self.num_timesteps)
         return None
@@ -286,7 +287,8 @@ class DDPM(Method):
         return likelihood.continuous_from_schedule(self.schedule(params), self.model_fn(params))
 
     # ------------------------------------------------------------------ training
-    def draw_training_inputs(self, keys, x, loss_history, *, position=None):
+    def draw_training_inputs(self, keys, x, method_state, *, position=None):
+        loss_history = method_state  # the importance sampler's (init_method_state), or None
         t, weights = timesteps.sample_timesteps(
             jax.vmap(lambda k: jax.random.fold_in(k, 0))(keys), self.num_timesteps, loss_history
         )
@@ -333,8 +335,9 @@ class DDPM(Method):
             decoder_log_scale=scale,
         )
 
-    def update_loss_history(self, history, inputs, terms, gather):
-        return timesteps.update_loss_history(history, gather(inputs["t"]), gather(jax.lax.stop_gradient(terms["vb"])))
+    def update_method_state(self, state, inputs, terms, gather):
+        """The loss history with the global batch's per-t bound terms."""
+        return timesteps.update_loss_history(state, gather(inputs["t"]), gather(jax.lax.stop_gradient(terms["vb"])))
 
     # ------------------------------------------------------------------ evaluation
     def eval_terms(self, params, x, keys, rng):
@@ -368,24 +371,47 @@ class DDPM(Method):
         return "all T terms"
 
     # ------------------------------------------------------------------ sampling
-    def check_sampler(self, sampler, num_steps, eta):
-        super().check_sampler(sampler, num_steps, eta)
+    def _chain_inputs(self, params, num):
+        """(schedule, model_fn, shape, keyword arguments) every sampler of the chain starts from."""
+        kw = dict(parameterization=self.parameterization, clip_denoised=self.config.sampling.clip_denoised)
+        return self.schedule(params), self.model_fn(params), (num,) + self.image_shape, kw
+
+    def _draw_ancestral(self, params, rng, num, *, num_steps, eta, num_frames):
+        """All T steps of the reverse chain (Ho et al.); num_steps and eta are not used."""
+        sched, model_fn, shape, kw = self._chain_inputs(params, num)
+        return sampling.sample_loop(sched, model_fn, shape, rng, variance=self.variance, num_frames=num_frames, **kw)
+
+    def _draw_respaced(self, params, rng, num, *, num_steps, eta, num_frames):
+        """num_steps steps with recomputed betas (Improved DDPM); eta is not used."""
+        sched, model_fn, shape, kw = self._chain_inputs(params, num)
+        return sampling.respaced_sample_loop(
+            sched, model_fn, shape, rng, num_steps=num_steps, variance=self.variance, num_frames=num_frames, **kw
+        )
+
+    def _draw_ddim(self, params, rng, num, *, num_steps, eta, num_frames):
+        """num_steps DDIM steps with eta (Song et al.); no frames."""
+        sched, model_fn, shape, kw = self._chain_inputs(params, num)
+        return sampling.ddim_sample_loop(sched, model_fn, shape, rng, num_steps=num_steps, eta=eta, **kw)
+
+    def _check_steps(self, sampler, num_steps, eta):
+        """A sub-sequence of the chain: --steps K in [1, T]."""
         T = self.num_timesteps
-        if sampler != "ancestral" and (num_steps is None or not 1 <= num_steps <= T):
+        if num_steps is None or not 1 <= num_steps <= T:
             raise ConfigError(f"--sampler={sampler} needs --steps in [1, {T}] (T of this run), got {num_steps!r}.")
-        if sampler == "ddim" and self.config.diffusion.schedule == "ve":
+
+    def _check_ddim(self, sampler, num_steps, eta):
+        """--steps in [1, T], on a variance-preserving schedule."""
+        self._check_steps(sampler, num_steps, eta)
+        if self.config.diffusion.schedule == "ve":
             raise ConfigError(
                 "--sampler=ddim is written for variance-preserving schedules; this run uses 've': "
                 "use --sampler=respaced or ancestral."
             )
 
-    def sample(self, params, rng, num, *, sampler, num_steps, eta, num_frames=0):
-        shape = (num,) + self.image_shape
-        sched, model_fn = self.schedule(params), self.model_fn(params)
-        kw = dict(parameterization=self.parameterization, clip_denoised=self.config.sampling.clip_denoised)
-        if sampler == "ddim":
-            return sampling.ddim_sample_loop(sched, model_fn, shape, rng, num_steps=num_steps, eta=eta, **kw)
-        kw.update(variance=self.variance, num_frames=num_frames)
-        if sampler == "respaced":
-            return sampling.respaced_sample_loop(sched, model_fn, shape, rng, num_steps=num_steps, **kw)
-        return sampling.sample_loop(sched, model_fn, shape, rng, **kw)
+    samplers = {  # the first is the default
+        "ancestral": Sampler(_draw_ancestral, doc="all T steps, Ho et al."),
+        "respaced": Sampler(
+            _draw_respaced, check=_check_steps, doc="--steps steps with recomputed betas, Improved DDPM"
+        ),
+        "ddim": Sampler(_draw_ddim, check=_check_ddim, frames=False, doc="--steps steps with --eta, Song et al."),
+    }

@@ -10,14 +10,15 @@ import ml_collections
 
 from ddpm_jax.core import hvae
 from ddpm_jax.errors import ConfigError
-from ddpm_jax.methods.base import Method, example_noise
+from ddpm_jax.methods.base import Method, Sampler, example_noise
 from ddpm_jax.models.hvae import create_hvae
 
 
 class HVAE(Method):
-    name = "hvae"
-    samplers = ("ancestral",)  # z_L ~ N(0, I), z_{l-1} ~ p(z_{l-1} | z_l), decoder mean
+    name = "hvae"  # samplers: ancestral (the mapping closes the class)
     frozen_fields = ("data.image_size", "data.channels", "hvae")
+    shared_sections = ("data", "training", "optim", "sampling")  # its networks are config.hvae's, not the UNet's
+    section, default_config = "hvae", "hvae"
 
     def __init__(self, config: ml_collections.ConfigDict):
         super().__init__(config)
@@ -47,7 +48,7 @@ class HVAE(Method):
             "inference": "bottom-up Markov chain q(z_1|x) prod q(z_l|z_{l-1})",
         }
 
-    def draw_training_inputs(self, keys, x, loss_history, *, position=None):
+    def draw_training_inputs(self, keys, x, method_state, *, position=None):
         return {"weights": jnp.ones((x.shape[0],), jnp.float32), "noise": example_noise(keys, self.noise_shape)}
 
     def loss_terms(self, params, x, inputs, *, train=False, dropout_rng=None):
@@ -68,5 +69,9 @@ class HVAE(Method):
             "one draw of z_1..z_L per image; top-level KL exact given z_{L-1}, lower levels single-sample log q - log p"
         )
 
-    def sample(self, params, rng, num, *, sampler, num_steps, eta, num_frames=0):
+    # ------------------------------------------------------------------ sampling
+    def _draw_ancestral(self, params, rng, num, *, num_steps, eta, num_frames):
+        """z_L ~ N(0, I), z_{l-1} ~ p(z_{l-1} | z_l), the decoder's mean (num_steps, eta, num_frames unused)."""
         return {"samples": hvae.hvae_sample(self.apply_fn, params, rng, num)}
+
+    samplers = {"ancestral": Sampler(_draw_ancestral, frames=False, doc="z_L from the prior, down the levels, decoded")}

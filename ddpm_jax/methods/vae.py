@@ -8,14 +8,15 @@ import ml_collections
 
 from ddpm_jax.core import vae
 from ddpm_jax.errors import ConfigError
-from ddpm_jax.methods.base import Method, example_noise
+from ddpm_jax.methods.base import Method, Sampler, example_noise
 from ddpm_jax.models.vae import create_vae
 
 
 class VAE(Method):
-    name = "vae"
-    samplers = ("ancestral",)  # z ~ N(0, I), decoded in one step
+    name = "vae"  # samplers: ancestral (the mapping closes the class)
     frozen_fields = ("data.image_size", "data.channels", "vae")
+    shared_sections = ("data", "training", "optim", "sampling")  # its networks are config.vae's, not the UNet's
+    section, default_config = "vae", "vae"
 
     def __init__(self, config: ml_collections.ConfigDict):
         super().__init__(config)
@@ -38,7 +39,7 @@ class VAE(Method):
     def model_fn(self, params):
         raise ConfigError("the VAE has no denoiser model_fn(x_t, t); draw from it with Run.sample.")
 
-    def draw_training_inputs(self, keys, x, loss_history, *, position=None):
+    def draw_training_inputs(self, keys, x, method_state, *, position=None):
         return {"weights": jnp.ones((x.shape[0],), jnp.float32), "noise": example_noise(keys, self.latent_shape)}
 
     def loss_terms(self, params, x, inputs, *, train=False, dropout_rng=None):
@@ -55,8 +56,11 @@ class VAE(Method):
     def bound_description(self, num_strata):
         return "exact KL, one draw of z per image"
 
-    def sampler_label(self, sampler, num_steps):
-        return "decoder"  # one pass: z ~ N(0, I), decoded
-
-    def sample(self, params, rng, num, *, sampler, num_steps, eta, num_frames=0):
+    # ------------------------------------------------------------------ sampling
+    def _draw_decoder(self, params, rng, num, *, num_steps, eta, num_frames):
+        """z ~ N(0, I), decoded in one pass (no chain: num_steps, eta and num_frames are not used)."""
         return {"samples": vae.vae_sample(self.apply_fn, params, rng, num)}
+
+    samplers = {
+        "ancestral": Sampler(_draw_decoder, label="decoder", frames=False, doc="z from the prior, decoded in one pass")
+    }

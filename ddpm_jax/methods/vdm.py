@@ -12,7 +12,7 @@ import ml_collections
 from ddpm_jax import checks
 from ddpm_jax.core import vdm
 from ddpm_jax.errors import ConfigError
-from ddpm_jax.methods.base import Method, example_noise
+from ddpm_jax.methods.base import Method, Sampler, example_noise
 from ddpm_jax.models.learned_schedule import MonotoneGamma
 from ddpm_jax.models.unet import create_model as create_unet
 from ddpm_jax.models.vdm_net import VDMScoreNet
@@ -45,10 +45,9 @@ class VDMModel(nn.Module):
 
 
 class VDM(Method):
-    name = "vdm"
-    # the T-step discretised chain (T = --steps or config.vdm.sample_steps): ancestral, or DDIM with --eta
-    samplers = ("ancestral", "ddim")
+    name = "vdm"  # samplers: ancestral, ddim (the mapping closes the sampling section)
     frozen_fields = ("data.image_size", "data.channels", "model", "vdm")
+    section, default_config = "vdm", "vdm"
 
     def __init__(self, config: ml_collections.ConfigDict):
         super().__init__(config)
@@ -116,7 +115,7 @@ class VDM(Method):
         return terms
 
     # ------------------------------------------------------------------ training and evaluation
-    def draw_training_inputs(self, keys, x, loss_history, *, position):
+    def draw_training_inputs(self, keys, x, method_state, *, position):
         """t stratified over the global batch (one t in each [i/B, (i+1)/B): VDM's low-discrepancy
         draw, keyed per example), eps for z_t and eps_0 for the decoder's z_0."""
         index, global_batch = position
@@ -151,12 +150,9 @@ class VDM(Method):
         return f"unbiased estimate, {num_t} values of t per image (exact prior, one z_0 for the decoder)"
 
     # ------------------------------------------------------------------ sampling
-    def check_sampler(self, sampler, num_steps, eta):
-        super().check_sampler(sampler, num_steps, eta)
-        if num_steps is not None and num_steps < 1:
-            raise ConfigError(f"--steps must be >= 1 (the discretised chain's length), got {num_steps!r}.")
-
-    def sample(self, params, rng, num, *, sampler, num_steps, eta, num_frames=0):
+    # The T-step discretised chain (T = --steps or config.vdm.sample_steps): ancestral, or DDIM with --eta.
+    def _draw_chain(self, params, rng, num, *, num_steps, eta, num_frames):
+        """vdm.sample_loop with this eta (1: ancestral)."""
         return vdm.sample_loop(
             self.gamma_fn(params),
             self.model_fn(params),
@@ -164,9 +160,25 @@ class VDM(Method):
             rng,
             num_steps=num_steps or self.config.vdm.sample_steps,
             clip_denoised=self.config.sampling.clip_denoised,
-            eta=1.0 if sampler == "ancestral" else eta,
+            eta=eta,
             num_frames=num_frames,
         )
+
+    def _draw_ancestral(self, params, rng, num, *, num_steps, eta, num_frames):
+        """The chain's ancestral steps: eta = 1 whatever --eta says."""
+        return self._draw_chain(params, rng, num, num_steps=num_steps, eta=1.0, num_frames=num_frames)
+
+    def _check_steps(self, sampler, num_steps, eta):
+        """--steps, when given, is the chain's length: >= 1."""
+        if num_steps is not None and num_steps < 1:
+            raise ConfigError(f"--steps must be >= 1 (the discretised chain's length), got {num_steps!r}.")
+
+    samplers = {  # the first is the default
+        "ancestral": Sampler(
+            _draw_ancestral, check=_check_steps, doc="--steps ancestral steps, default vdm.sample_steps"
+        ),
+        "ddim": Sampler(_draw_chain, check=_check_steps, frames=False, doc="the same chain with --eta"),
+    }
 
     def schedule(self, params):
         """gamma(t) on a grid of 1001 points of [0, 1] (the continuous schedule has no Schedule table)."""

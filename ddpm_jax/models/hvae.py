@@ -23,15 +23,17 @@ reparameterization noise).
 
 from __future__ import annotations
 
-from typing import Any, NamedTuple
+from typing import Any
 
 import chex
 import flax.linen as nn
 import jax.numpy as jnp
 import ml_collections
 
+from ddpm_jax.core.hvae import HVAEOutputs, hvae_latent_shape_of  # noqa: F401 - re-exported
+from ddpm_jax.core.vae import reparameterize
 from ddpm_jax.models.layers import DTYPES, dense
-from ddpm_jax.models.vae import VAE, _mlp, latent_dim_of, reparameterize
+from ddpm_jax.models.vae import VAE, _mlp
 
 
 class GaussianMLP(nn.Module):
@@ -54,24 +56,6 @@ class GaussianMLP(nn.Module):
         out = self.out(_mlp(z, self.hidden_layers, self.dtype)).astype(jnp.float32)
         mean, logvar = jnp.split(out, 2, axis=-1)
         return mean, logvar
-
-
-class HVAEOutputs(NamedTuple):
-    """One bottom-up pass and the top-down conditionals at its draws (level l is index l - 1).
-
-    q_means, q_logvars: [B, L, k] parameters of q(z_1 | x), q(z_l | z_{l-1}).
-    zs: [B, L, k] the draws z_l = q_mean + exp(q_logvar / 2) * noise_l.
-    p_means, p_logvars: [B, L - 1, k] parameters of p(z_l | z_{l+1}) at the drawn z_{l+1}, l = 1..L-1.
-    means, log_scales: [B, H, W, C] the decoder p(x | z_1).
-    """
-
-    q_means: jnp.ndarray
-    q_logvars: jnp.ndarray
-    zs: jnp.ndarray
-    p_means: jnp.ndarray
-    p_logvars: jnp.ndarray
-    means: jnp.ndarray
-    log_scales: jnp.ndarray
 
 
 class HVAE(nn.Module):
@@ -179,11 +163,6 @@ class HVAE(nn.Module):
             mean, logvar = self.prior(level, z)
             z = reparameterize(mean, logvar, noise[level - 1])
         return self.decode(z)[0]
-
-
-def hvae_latent_shape_of(params) -> tuple[int, int]:
-    """(num_levels, latent_dim) of an HVAE from its parameters."""
-    return 1 + sum(name.startswith("posterior_") for name in params), latent_dim_of(params["vae"])
 
 
 def create_hvae(hvae_config: ml_collections.ConfigDict, image_size: int, channels: int) -> HVAE:

@@ -24,6 +24,7 @@ import flax.linen as nn
 import jax.numpy as jnp
 import ml_collections
 
+from ddpm_jax.core.vae import latent_dim_of, reparameterize  # noqa: F401 - latent_dim_of re-exported
 from ddpm_jax.models.layers import DTYPES, dense
 
 # Floor of the decoder's log standard deviation: a quarter of the half bin width (1/255 on
@@ -121,17 +122,6 @@ class VAE(nn.Module):
         chex.assert_equal_shape([mean, z_noise])
         means, log_scales = self.decode(reparameterize(mean, logvar, z_noise))
         return mean, logvar, means, log_scales
-
-
-def reparameterize(mean: chex.Array, logvar: chex.Array, noise: chex.Array) -> jnp.ndarray:
-    """z = mean + exp(logvar / 2) * noise: a draw of N(mean, diag exp(logvar)) that is
-    differentiable in (mean, logvar) (Kingma & Welling 2014, section 2.4; lecture 3)."""
-    return mean + jnp.exp(0.5 * logvar) * noise
-
-
-def latent_dim_of(params) -> int:
-    """latent_dim of a VAE from its parameters (the encoder's output is 2 * latent_dim wide)."""
-    return params["encoder_out"]["kernel"].shape[-1] // 2
 
 
 def create_vae(vae_config: ml_collections.ConfigDict, image_size: int, channels: int) -> VAE:

@@ -1,4 +1,4 @@
-"""Orbax checkpoints of the whole train state (step, params, EMA, optimizer, key, loss history).
+"""Orbax checkpoints of the whole train state (step, params, EMA, optimizer, key, the method's state).
 
 Kill-safety: Orbax writes each step into `<step>.orbax-checkpoint-tmp` and renames it to
 `<step>` once complete (an atomic rename on a local or NFS disk). A folder with the tmp suffix
@@ -20,6 +20,7 @@ NumPy arrays from process 0 only and every process reads them back.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import errno
 import json
 import logging
@@ -34,6 +35,9 @@ from ddpm_jax import configuration, fileio
 from ddpm_jax.errors import CheckpointError
 
 CONFIG_FILE = "config.json"
+# Train state fields renamed since checkpoints were written, {name in older checkpoints: name now}:
+# such checkpoints are still restored (train_lib.TrainState's loss_history became method_state).
+RENAMED_FIELDS = {"loss_history": "method_state"}
 
 
 def checkpoint_dir(workdir) -> str:
@@ -192,16 +196,41 @@ def restore_latest(mngr: ocp.CheckpointManager, target):
     if stored is None:
         raise _damaged(where, FileNotFoundError("no readable metadata"), older)
     target = _host_target(target)
-    mismatches = _shape_mismatches(stored, target)
+    renamed = _renamed_fields(stored, target)
+    mismatches = _shape_mismatches(stored, _as_saved(target, renamed))
     if mismatches:
         raise CheckpointError(
             f"the checkpoint {where} was made for another model or image size: {'; '.join(mismatches[:3])}. "
             "Train into a new --workdir, or use the config the checkpoint was trained with."
         )
     try:
-        return jax.device_get(mngr.restore(step, args=ocp.args.StandardRestore(target)))
+        restored = mngr.restore(step, args=ocp.args.StandardRestore(_as_saved(target, renamed)))
     except Exception as e:  # noqa: BLE001
         raise _damaged(where, e, older) from e
+    if renamed:  # back from the checkpoint's names to the state's
+        now = {old: new for new, old in renamed.items()}
+        restored = target.replace(**{now.get(k, k): v for k, v in restored.items()})
+    return jax.device_get(restored)
+
+
+def _renamed_fields(stored, target) -> dict[str, str]:
+    """{field of target: its name in the checkpoint} for the RENAMED_FIELDS the checkpoint has under
+    their old name (a checkpoint written before the rename)."""
+    if not hasattr(stored, "keys") or not dataclasses.is_dataclass(target):  # Orbax's tree metadata: a mapping
+        return {}
+    stored = set(stored.keys())
+    return {
+        new: old for old, new in RENAMED_FIELDS.items() if old in stored and new not in stored and hasattr(target, new)
+    }
+
+
+def _as_saved(target, renamed: dict[str, str]):
+    """The restore target as the checkpoint names it: target itself, or, with renamed fields, a dict of
+    its pytree fields under their names in the checkpoint (TrainState.replace rebuilds it after)."""
+    if not renamed:
+        return target
+    fields = (f.name for f in dataclasses.fields(target) if f.metadata.get("pytree_node", True))
+    return {renamed.get(name, name): getattr(target, name) for name in fields}
 
 
 def _host_target(target):

@@ -72,11 +72,14 @@ class NonfiniteGuard:
         return self.streak >= self.limit
 
     def message(self, config, step: int, where: str) -> str:
-        lr, dtype = config.optim.lr, config.model.dtype
+        lr = config.optim.lr
+        # The networks' compute dtype: the UNet's (config.model) or a VAE's own section's.
+        section = next((s for s in ("model", config.get("method", "ddpm")) if "dtype" in config.get(s, {})), None)
+        dtype = config[section].dtype if section else "float32"
         causes = [
             f"the learning rate is too high (config.optim.lr={lr:g}; try {lr / 10:g} or a longer "
             "config.optim.warmup_steps)",
-            f"overflow in low precision (config.model.dtype={dtype!r}; 'float32' is the safe choice)",
+            f"overflow in low precision (config.{section}.dtype={dtype!r}; 'float32' is the safe choice)",
             f"bad data (NaN/Inf or wrongly scaled images in dataset {config.data.dataset!r})",
         ]
         if dtype != "float32":

@@ -1,15 +1,20 @@
 """The training loop: restore, train with a progress bar, log, evaluate, sample, checkpoint.
 
+Each step is followed by the periodic actions, one line each, at the steps `every` picks (as clu's
+periodic actions and big_vision's `u.itstime`): the log (`_Logger`, which also refreshes the workdir
+lock), the test loss, a sample grid (`_sample_grid`), a checkpoint, and the stop check (`_StopCheck`).
 Nothing is lost on the way: a kill at any moment leaves the last complete checkpoint (Orbax's
 atomic saves, see checkpoint.py); SIGTERM / SIGINT save a checkpoint at the current step and
 return; a run of non-finite steps longer than config.training.max_nonfinite_steps stops with a
 checkpoint of the last good parameters. With several processes (distributed.py) every process
 runs this same loop on its shard of the data, and only process 0 writes logs and pictures.
-What is trained is the config's method (ddpm_jax.methods); evaluation is ddpm_jax.evaluation.report's.
+What is trained is the config's method (ddpm_jax.methods); the end-of-run evaluation is
+ddpm_jax.evaluation.report's `final_report`.
 """
 
 from __future__ import annotations
 
+import functools
 import time
 
 import jax
@@ -18,9 +23,9 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from ddpm_jax import fileio, methods
-from ddpm_jax.data import pipeline
+from ddpm_jax.data import pipeline, splits
 from ddpm_jax.errors import CheckpointError, ConfigError, TrainingDiverged
-from ddpm_jax.evaluation import plots, report
+from ddpm_jax.evaluation import plots, report, sample_lib
 from ddpm_jax.training import checkpoint, distributed, train_lib, workdir_lock
 from ddpm_jax.training.guards import NonfiniteGuard, StopFlag
 from ddpm_jax.training.metric_writer import MetricWriter
@@ -40,9 +45,76 @@ def _mean_metrics(metrics) -> dict:
     return {k: float(np.mean(v)) for k, v in distributed.local_values(metrics).items()}
 
 
-def every(step: int, interval: int, last_step: int) -> bool:
-    """True every `interval` steps and at the last step."""
-    return step % interval == 0 or step == last_step
+def every(step: int, interval: int, last_step: int, *, at_last: bool = True) -> bool:
+    """Whether a periodic action runs after `step`: every `interval` steps, and at the last step
+    exactly when `at_last` (big_vision's `u.itstime`)."""
+    if step == last_step:
+        return at_last
+    return step % interval == 0
+
+
+class _Logger:
+    """The log action: the train metrics' device means, steps/s and the steps skipped (non-finite)
+    since the last log, to the metric writer and the progress bar; refreshes the workdir lock."""
+
+    def __init__(self, writer: MetricWriter, lock, bar, guard: NonfiniteGuard, step: int):
+        self.writer, self.lock, self.bar, self.guard = writer, lock, bar, guard
+        self.last_time, self.last_step, self.skipped = time.time(), step, 0
+
+    def __call__(self, step: int, metrics) -> None:
+        scalars = _mean_metrics(metrics)
+        now = time.time()
+        scalars["steps_per_sec"] = (step - self.last_step) / max(now - self.last_time, 1e-9)
+        scalars["nonfinite_steps"] = self.guard.skipped - self.skipped  # skipped since the last log
+        if scalars["nonfinite_steps"]:
+            self.bar.write(
+                f"step {step}: {int(scalars['nonfinite_steps'])} step(s) since the last log had a "
+                "non-finite loss or gradient; their updates were skipped."
+            )
+        self.last_time, self.last_step, self.skipped = now, step, self.guard.skipped
+        self.writer.write(step, scalars)
+        self.lock.refresh()  # WorkdirLocked if another run has taken the workdir over
+        self.bar.set_postfix(loss=f"{scalars['loss']:.4f}", steps_s=f"{scalars['steps_per_sec']:.2f}")
+
+
+def _sample_grid(steps: train_lib.CompiledSteps, rstate, rng, step: int, config, workdir: str, writer) -> None:
+    """The sample action: a grid of the EMA params' samples, keyed fold_in(rng, step). Every process
+    samples (SPMD); process 0 writes samples/step_<step>.png and the TensorBoard image."""
+    grid = sample_lib.draw_samples(
+        steps.p_sample, rstate.ema_params, jax.random.fold_in(rng, step), config.sampling.num_samples
+    )
+    if distributed.is_main_process():
+        plots.save_grid(grid["samples"], fileio.as_path(workdir) / "samples" / f"step_{step:07d}.png")
+        writer.write_images(step, {"samples/ema": plots.image_grid(grid["samples"])})
+
+
+class _StopCheck:
+    """The stop action: whether the run stops here (and saves) before its last step, for a
+    pre-emption signal on any process or at stop_at_step.
+
+    One process looks at its flag after every step. Several agree on a signal (a collective) at log
+    steps and every STOP_SYNC_EVERY steps, so that all of them stop, and save, at the same step.
+    """
+
+    def __init__(self, flag: StopFlag, stop_at_step: int | None, last_step: int):
+        self.flag, self.stop_at_step, self.last_step = flag, stop_at_step, last_step
+        self.multi = jax.process_count() > 1
+
+    def any_signal(self) -> bool:
+        """True if any process got a signal (a collective: every process must call it)."""
+        return distributed.any_process(self.flag.signal is not None)
+
+    def due(self, step: int, is_log: bool) -> bool:
+        if step == self.last_step:  # the run ends here anyway, with its final report
+            return False
+        at_stop_step = self.stop_at_step is not None and step >= self.stop_at_step
+        return at_stop_step or not self.multi or is_log or step % STOP_SYNC_EVERY == 0
+
+    def __call__(self, step: int) -> bool:
+        if self.stop_at_step is not None and step >= self.stop_at_step:
+            self.flag.signal = self.flag.signal or f"stop_at_step={self.stop_at_step}"
+            return True
+        return self.any_signal()
 
 
 def _restore_or_init(config, workdir: str, mngr, method, tx):
@@ -75,7 +147,7 @@ def train_and_evaluate(
       workdir: checkpoints, metrics and pictures go here.
       stop_at_step: stop early at this step as if pre-empted (checkpoint, no final evaluation);
         running again resumes exactly where it stopped.
-      steps: `train_lib.compile_steps(method, config)` of this config, to reuse compiled steps
+      steps: `train_lib.compile_steps(method, config)` (a CompiledSteps) of this config, to reuse compiled steps
         across calls in one process (a notebook, the tests); built here when None.
 
     Returns:
@@ -116,9 +188,23 @@ def check_workdir(workdir: str) -> None:
         ) from None
 
 
+def _load_data(config, initial_step: int):
+    """The train batches from initial_step on, the test split, and the eval batches that cover it."""
+    train_images = splits.load_split(config, config.data.train_split)
+    test_images = splits.load_split(config, config.data.eval_split)
+    num_eval_batches = report.num_eval_batches(test_images, config.training.batch_size)
+    batches = pipeline.train_batches(
+        train_images,
+        config.training.batch_size,
+        config.seed,
+        start_step=initial_step,
+        random_flip=config.data.random_flip,
+    )
+    return batches, test_images, num_eval_batches
+
+
 def _train_and_evaluate(config, workdir: str, stop_at_step: int | None, steps, lock) -> dict:
     start_time = time.time()
-    is_main, multi = distributed.is_main_process(), jax.process_count() > 1
     stop = StopFlag()  # from here on a pre-emption saves (after the step in flight)
     mngr = checkpoint.make_manager(workdir, config.training.keep_checkpoints)
     try:
@@ -128,17 +214,8 @@ def _train_and_evaluate(config, workdir: str, stop_at_step: int | None, steps, l
         initial_step = int(state.step)
         if initial_step:
             _say(f"Resuming from the checkpoint at step {initial_step} in {checkpoint.checkpoint_dir(workdir)}.")
-        train_images = report.load_split(config, config.data.train_split)
-        test_images = report.load_split(config, config.data.eval_split)
-        num_eval_batches = report.num_eval_batches(test_images, config.training.batch_size)
-        batches = pipeline.train_batches(
-            train_images,
-            config.training.batch_size,
-            config.seed,
-            start_step=initial_step,
-            random_flip=config.data.random_flip,
-        )
-        rstate = train_lib.replicate(state)
+        batches, test_images, num_eval_batches = _load_data(config, initial_step)
+        rstate = distributed.replicate(state)
         del state
         writer = MetricWriter(workdir, initial_step)
         writer.write_hparams(config)  # a fresh start only
@@ -147,60 +224,49 @@ def _train_and_evaluate(config, workdir: str, stop_at_step: int | None, steps, l
         num_steps = tr.num_train_steps
         guard = NonfiniteGuard(tr.max_nonfinite_steps)
         bar = tqdm(
-            total=num_steps, initial=initial_step, desc="train", unit="step", disable=not is_main, dynamic_ncols=True
+            total=num_steps,
+            initial=initial_step,
+            desc="train",
+            unit="step",
+            disable=not distributed.is_main_process(),
+            dynamic_ncols=True,
         )
-        last_log_time, last_log_step, skipped_at_log = time.time(), initial_step, 0
+        # The periodic actions.
+        log = _Logger(writer, lock, bar, guard, initial_step)
+        test_loss = functools.partial(
+            report.evaluate_loss,
+            steps.p_eval,
+            test_images=test_images,
+            config=config,
+            rng=eval_rng,
+            num_batches=num_eval_batches,
+        )
+        stop_check = _StopCheck(stop, stop_at_step, num_steps)
         # A signal during start-up stops before the first step; all processes must agree on it.
-        step, stopping, diverged = initial_step, distributed.any_process(stop.signal is not None), False
+        step, stopping, diverged = initial_step, stop_check.any_signal(), False
         while step < num_steps and not stopping:
-            rstate, metrics = steps.train(rstate, next(batches))
+            rstate, metrics = steps.p_train(rstate, next(batches))
             step += 1
             bar.update(1)
-            last = step == num_steps
             guard.add(step, metrics["nonfinite"])
             is_log = every(step, tr.log_every, num_steps)
             if (is_log or guard.due()) and guard.check():
                 diverged = True
                 break
             if is_log:
-                scalars = _mean_metrics(metrics)
-                now = time.time()
-                scalars["steps_per_sec"] = (step - last_log_step) / max(now - last_log_time, 1e-9)
-                scalars["nonfinite_steps"] = guard.skipped - skipped_at_log  # skipped since the last log
-                if scalars["nonfinite_steps"]:
-                    bar.write(
-                        f"step {step}: {int(scalars['nonfinite_steps'])} step(s) since the last log had a "
-                        "non-finite loss or gradient; their updates were skipped."
-                    )
-                last_log_time, last_log_step, skipped_at_log = now, step, guard.skipped
-                writer.write(step, scalars)
-                lock.refresh()  # WorkdirLocked if another run has taken the workdir over
-                bar.set_postfix(loss=f"{scalars['loss']:.4f}", steps_s=f"{scalars['steps_per_sec']:.2f}")
+                log(step, metrics)
             if every(step, tr.eval_every, num_steps):
-                writer.write(
-                    step,
-                    report.evaluate_loss(
-                        steps.eval, rstate.ema_params, test_images, config, eval_rng, num_eval_batches
-                    ),
-                )
-            if step % tr.sample_every == 0 and not last:  # every process samples (SPMD); process 0 writes
-                grid = train_lib.draw_samples(
-                    steps.sample, rstate.ema_params, jax.random.fold_in(eval_rng, step), config.sampling.num_samples
-                )
-                if is_main:
-                    plots.save_grid(grid["samples"], fileio.as_path(workdir) / "samples" / f"step_{step:07d}.png")
-                    writer.write_images(step, {"samples/ema": plots.image_grid(grid["samples"])})
+                writer.write(step, test_loss(rstate.ema_params))
+            if every(step, tr.sample_every, num_steps, at_last=False):  # the final report samples the last step
+                _sample_grid(steps, rstate, eval_rng, step, config, workdir, writer)
             if every(step, tr.checkpoint_every, num_steps):
-                checkpoint.save(mngr, train_lib.unreplicate(rstate))
-            if stop_at_step is not None and step >= stop_at_step and not last:
-                stop.signal = stop.signal or f"stop_at_step={stop_at_step}"
-                stopping = True
-            elif not last and (not multi or is_log or step % STOP_SYNC_EVERY == 0):
-                stopping = distributed.any_process(stop.signal is not None)
+                checkpoint.save(mngr, distributed.unreplicate(rstate))
+            if stop_check.due(step, is_log):
+                stopping = stop_check(step)
         bar.close()
         where = checkpoint.checkpoint_dir(workdir)
         if diverged or stopping:
-            checkpoint.save(mngr, train_lib.unreplicate(rstate), force=True)
+            checkpoint.save(mngr, distributed.unreplicate(rstate), force=True)
             checkpoint.wait_until_finished(mngr)
         if diverged:
             raise TrainingDiverged(guard.message(config, step, where))
@@ -214,4 +280,13 @@ def _train_and_evaluate(config, workdir: str, stop_at_step: int | None, steps, l
     finally:
         stop.restore()
         checkpoint.wait_until_finished(mngr)
-    return report.final_report(config, workdir, steps, rstate, test_images, eval_rng, writer, start_time)
+    return report.final_report(
+        config=config,
+        workdir=workdir,
+        steps=steps,
+        rstate=rstate,
+        test_images=test_images,
+        eval_rng=eval_rng,
+        writer=writer,
+        start_time=start_time,
+    )

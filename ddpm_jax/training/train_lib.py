@@ -5,36 +5,36 @@ draw of an example is keyed by fold_in(state.rng, step) and the example's global
 same global batch gives the same update on 1 or N devices. The device axis name is an argument,
 so the step is independent of how it is mapped. What the model is, and how its loss, bound and
 samples are computed, is the method's (`ddpm_jax.methods`): nothing here asks which one it is.
+`compile_steps` returns the pmapped steps as a `CompiledSteps`; the host side of the devices
+(replicate / unreplicate) is `distributed`'s, drawing sample grids `evaluation.sample_lib`'s.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
-from types import SimpleNamespace
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 import jax
 import jax.numpy as jnp
 import ml_collections
-import numpy as np
 import optax
 from flax.training import train_state
 
-from ddpm_jax.core import timesteps
-from ddpm_jax.training import distributed
+from ddpm_jax.training.distributed import AXIS
 
 if TYPE_CHECKING:  # the steps only call the interface; the registry is the caller's
     from ddpm_jax.methods import Method
 
-AXIS = "batch"
-
 
 class TrainState(train_state.TrainState):
-    """step, params, opt_state (+ static apply_fn, tx), EMA params, the run's key, loss history."""
+    """step, params, opt_state (+ static apply_fn, tx), EMA params, the run's key, and the method's own
+    training state beside the params (`Method.init_method_state`; None for most methods)."""
 
     ema_params: Any
     rng: jax.Array
-    loss_history: timesteps.LossHistory | None = None
+    method_state: Any = None
 
 
 LR_SCHEDULES = ("constant", "cosine")
@@ -68,7 +68,7 @@ def make_optimizer(config: ml_collections.ConfigDict) -> optax.GradientTransform
 
 
 def create_train_state(method: Method, tx: optax.GradientTransformation, rng: jax.Array) -> TrainState:
-    """Fresh parameters, Adam state, EMA copy and the method's loss history (if any)."""
+    """Fresh parameters, Adam state, EMA copy and the method's own state (if any)."""
     init_rng, state_rng = jax.random.split(rng)
     params = method.init_params(init_rng)
     return TrainState.create(
@@ -77,7 +77,7 @@ def create_train_state(method: Method, tx: optax.GradientTransformation, rng: ja
         tx=tx,
         ema_params=params,
         rng=state_rng,
-        loss_history=method.init_loss_history(),
+        method_state=method.init_method_state(),
     )
 
 
@@ -141,7 +141,7 @@ def train_step(
     keys = _example_keys(step_rng, batch.shape[0], axis_name)
     global_batch = batch.shape[0] * (1 if axis_name is None else jax.lax.psum(1, axis_name))
     inputs = method.draw_training_inputs(
-        keys, batch, state.loss_history, position=(_global_index(batch.shape[0], axis_name), global_batch)
+        keys, batch, state.method_state, position=(_global_index(batch.shape[0], axis_name), global_batch)
     )
     dropout_rng = _device_rng(jax.random.fold_in(step_rng, 2**30), axis_name)
 
@@ -161,13 +161,13 @@ def train_step(
             updated.params, state.ema_params, step_size=1.0 - ema_decay(config.training.ema_decay, state.step)
         )
     )
-    if state.loss_history is not None:  # the whole global batch's draws, in global order
+    if state.method_state is not None:  # gather: the whole global batch's values, in global order
         gather = (
             (lambda x: x)
             if axis_name is None
             else functools.partial(jax.lax.all_gather, axis_name=axis_name, tiled=True)
         )
-        updated = updated.replace(loss_history=method.update_loss_history(state.loss_history, inputs, terms, gather))
+        updated = updated.replace(method_state=method.update_method_state(state.method_state, inputs, terms, gather))
     new_state = jax.tree_util.tree_map(lambda new, old: jnp.where(finite, new, old), updated, state)
     new_state = new_state.replace(step=state.step + 1)
 
@@ -231,80 +231,52 @@ def sample_step(
     )
 
 
-def compile_steps(method: Method, config: ml_collections.ConfigDict, bpd_strata: int | None = None):
-    """The pmapped steps, with the method and config closed over: .train(state, batch),
-    .eval(params, batch, mask, rng), .bpd(params, batch, mask, rng) and
-    .sample(params, rng, per_device, num_frames, sampler, num_steps, eta).
+@dataclasses.dataclass(frozen=True)
+class CompiledSteps:
+    """A run's pmapped steps, with its method and config closed over (`compile_steps`).
 
-    bpd evaluates the method's most exact bound when bpd_strata is 0, or its estimate with that
+    Attributes:
+      method: the run's method.
+      tx: its optimizer (a static field of the state: a new one recompiles p_train).
+      p_train: (replicated state, batch [devices, B/devices, H, W, C]) -> (state, metrics).
+      p_eval: (params, batch, mask, rng) -> sums of the loss terms and `bpd_est` (`eval_step`).
+      p_bpd: (params, batch, mask, rng) -> sums of the bound's terms (`bpd_step`).
+      p_sample: (params, rng, per_device, num_frames, sampler, num_steps, eta) -> samples (`sample_step`);
+        draw through `evaluation.sample_lib.draw_samples`.
+    """
+
+    method: Method
+    tx: optax.GradientTransformation
+    p_train: Callable
+    p_eval: Callable
+    p_bpd: Callable
+    p_sample: Callable
+
+
+def compile_steps(method: Method, config: ml_collections.ConfigDict, bpd_strata: int | None = None) -> CompiledSteps:
+    """The pmapped steps of a method and config (see `CompiledSteps`).
+
+    p_bpd evaluates the method's most exact bound when bpd_strata is 0, or its estimate with that
     many strata; default config.training.final_bpd_strata. Build once per run and pass it on:
     each call of a new set compiles again.
     """
     # Donating the state saves a copy on accelerators; on XLA:CPU (jax 0.10) it made each step ~30x slower.
     donate = () if jax.default_backend() == "cpu" else (0,)
     bpd_strata = config.training.final_bpd_strata if bpd_strata is None else bpd_strata
-    return SimpleNamespace(
+    return CompiledSteps(
         method=method,
         tx=make_optimizer(config),  # one optimizer: a static field of the state, so a new one recompiles the step
-        train=jax.pmap(
+        p_train=jax.pmap(
             functools.partial(train_step, method=method, config=config), axis_name=AXIS, donate_argnums=donate
         ),
-        eval=jax.pmap(functools.partial(eval_step, method=method), axis_name=AXIS, in_axes=(0, 0, 0, None)),
-        bpd=jax.pmap(
+        p_eval=jax.pmap(functools.partial(eval_step, method=method), axis_name=AXIS, in_axes=(0, 0, 0, None)),
+        p_bpd=jax.pmap(
             functools.partial(bpd_step, method=method, num_strata=bpd_strata), axis_name=AXIS, in_axes=(0, 0, 0, None)
         ),
-        sample=jax.pmap(
+        p_sample=jax.pmap(
             functools.partial(sample_step, method=method),
             axis_name=AXIS,
             in_axes=(0, None),
             static_broadcasted_argnums=(2, 3, 4, 5, 6),
         ),
     )
-
-
-def draw_samples(
-    p_sample,
-    params,
-    rng,
-    num: int,
-    num_frames: int = 0,
-    sampler: str = "ancestral",
-    num_steps: int | None = None,
-    eta: float = 0.0,
-) -> dict:
-    """`num` samples from this process's devices (rounded up to their count), on the host."""
-    devices = jax.local_device_count()
-    per_device = -(-num // devices)
-    out = distributed.local_values(p_sample(params, rng, per_device, num_frames, sampler, num_steps, float(eta)))
-    merge = lambda x: x.reshape((-1,) + x.shape[2:])[:num]  # [D, b, ...] -> [D*b, ...]
-    result = {"samples": merge(out["samples"])}
-    if num_frames and "frames" in out:  # frames are [D, F, b, ...] -> [F, D*b, ...]
-        for k in ("frames", "pred_x0"):
-            v = np.moveaxis(out[k], 0, 1)
-            result[k] = v.reshape(v.shape[:1] + (-1,) + v.shape[3:])[:, :num]
-        result["frame_t"] = out["frame_t"][0]
-    return result
-
-
-def replicate(tree, devices=None):
-    """Copies a pytree onto every local device, laid out exactly as the pmapped steps return it.
-
-    flax.jax_utils.replicate uses another mesh axis name, which made the second call of every
-    pmapped function compile again (a minute for the UNet on CPU).
-    """
-    devices = jax.local_devices() if devices is None else devices
-    mesh = jax.sharding.Mesh(np.array(devices), (AXIS,))
-    sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(AXIS))
-    stack = lambda x: np.broadcast_to(np.asarray(x)[None], (len(devices),) + np.shape(x))
-    return jax.device_put(jax.tree_util.tree_map(stack, tree), sharding)
-
-
-def unreplicate(tree):
-    """The first device's copy of a replicated pytree, as host (NumPy) arrays."""
-
-    def first(x):
-        if isinstance(x, jax.Array) and len(x.addressable_shards) > 0:
-            return np.asarray(x.addressable_shards[0].data)[0]
-        return np.asarray(x)[0]
-
-    return jax.tree_util.tree_map(first, tree)

@@ -1,15 +1,24 @@
 """Checks a run's config before anything is built, with errors that name the fix.
 
-`validate_config` raises errors.ConfigError for the first value that cannot work: the sections
-every run has here, the method's own fields in its `validate` (ddpm_jax.methods).
+`validate_config` raises errors.ConfigError for the first value that cannot work: a section or
+field the method does not read (`unread_field_error`), the sections every run has here, the
+method's own fields in its `validate` (ddpm_jax.methods).
+
+A method reads the shared sections it names (`Method.shared_sections`: data, model, training,
+optim, sampling, or fewer) and its own (`Method.section`), with the fields of its shipped config
+(`Method.default_config`). Anything else would be silently ignored, so that a grid over it trains
+identical cells; it is refused instead, with the method that does read it.
 """
 
 from __future__ import annotations
 
+import difflib
+import functools
+
 import jax
 import ml_collections
 
-from ddpm_jax import methods
+from ddpm_jax import configuration, methods
 from ddpm_jax.checks import is_int, is_number, one_of, positive_int, require
 from ddpm_jax.errors import ConfigError, UserError  # noqa: F401 - re-exported for callers of this module
 from ddpm_jax.training.train_lib import LR_SCHEDULES
@@ -66,6 +75,83 @@ def _check_optim(opt: ml_collections.ConfigDict) -> None:
         )
 
 
+TOP_LEVEL_FIELDS = ("seed", "method")
+
+
+def read_sections(method: type[methods.Method]) -> tuple[str, ...]:
+    """The config sections `method` reads: the shared ones it uses, then its own."""
+    return method.shared_sections + (method.section,)
+
+
+@functools.cache
+def _reference_fields(config_name: str) -> dict[str, tuple[str, ...]]:
+    """{section: its fields} of a shipped config (a method's `default_config`): the fields it reads."""
+    config = configuration.load_config_file(config_name)
+    return {k: tuple(v.keys()) for k, v in config.items() if isinstance(v, ml_collections.ConfigDict)}
+
+
+def unread_field_error(config: ml_collections.ConfigDict, dotted: str, fields: bool = True) -> ConfigError | None:
+    """The error for config.<dotted> (a section or a field) when config.method does not read it, else None.
+
+    fields=False checks the section only (a command-line override: configuration.lookup_field then
+    names an unknown field with its close matches)."""
+    method = methods.method_class(config)
+    section, _, field = dotted.partition(".")
+    if section in TOP_LEVEL_FIELDS:
+        return None
+    own = f"its own section is config.{method.section} (configs/{method.default_config}.py)"
+    if section not in read_sections(method):
+        readers = [m for m in methods.REGISTRY.values() if section in read_sections(m)]
+        if not readers:  # no method's section: a typo, which lookup names with its close match
+            if not fields:
+                return None
+            close = difflib.get_close_matches(section, read_sections(method), n=1)
+            hint = f" Did you mean config.{close[0]}?" if close else ""
+            return ConfigError(f"config.{dotted}: no method reads config.{section}.{hint} {own}.")
+        configs = ", ".join(f"--config={m.default_config}" for m in readers)
+        return ConfigError(
+            f"config.{dotted}: method {method.name!r} does not read config.{section} (the section of "
+            f"{', '.join(repr(m.name) for m in readers)}); {own}: remove it, or train a method that reads it "
+            f"({configs})."
+        )
+    name = field.partition(".")[0]
+    if not fields:
+        return None
+    reference = _reference_fields(method.default_config).get(section, ())
+    if name and name not in reference:
+        close = difflib.get_close_matches(name, reference, n=1)
+        hint = f" Did you mean config.{section}.{close[0]}?" if close else ""
+        return ConfigError(
+            f"config.{section}.{name}: method {method.name!r} does not read this field.{hint} config.{section} has "
+            f"{', '.join(sorted(reference))} (configs/{method.default_config}.py)."
+        )
+    return None
+
+
+def check_fields_are_read(config: ml_collections.ConfigDict) -> None:
+    """ConfigError for the first section or field of `config` that its method does not read."""
+    for section in config.keys():
+        fields = config[section].keys() if isinstance(config[section], ml_collections.ConfigDict) else [None]
+        for field in fields:
+            error = unread_field_error(config, section if field is None else f"{section}.{field}")
+            if error is not None:
+                raise error
+
+
+def without_unread_fields(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+    """A copy of `config` without the sections and fields its method does not read: a run's saved
+    config.json from before configs held only their method's sections (a VDM run's `diffusion`)."""
+    config = ml_collections.ConfigDict(config.to_dict())
+    for section in list(config.keys()):
+        if unread_field_error(config, section) is not None:
+            del config[section]
+        elif isinstance(config[section], ml_collections.ConfigDict):
+            for field in list(config[section].keys()):
+                if unread_field_error(config, f"{section}.{field}") is not None:
+                    del config[section][field]
+    return config
+
+
 def validate_config(config: ml_collections.ConfigDict, num_devices: int | None = None) -> None:
     """Raises ConfigError for the first value that cannot work.
 
@@ -73,6 +159,8 @@ def validate_config(config: ml_collections.ConfigDict, num_devices: int | None =
       config: a run's config (configs/ddpm.py's layout).
       num_devices: the global device count the batch is split over; default jax.device_count().
     """
+    method = methods.method_class(config)
+    check_fields_are_read(config)
     for section in ("data", "training", "optim", "sampling"):
         require(section in config, section, "missing section; start from configs/ddpm.py.")
     d = config.data
@@ -89,7 +177,6 @@ def validate_config(config: ml_collections.ConfigDict, num_devices: int | None =
         "data.in_memory",
         f"must be True (read the splits into memory) or False (stream them from disk), got {in_memory!r}.",
     )
-    method = methods.method_class(config)
     _check_training(config.training, num_devices)
     _check_optim(config.optim)
     method.validate(config)

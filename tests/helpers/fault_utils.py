@@ -15,10 +15,10 @@ import subprocess
 import sys
 import time
 
-from configs import ddpm as ddpm_config
 from ddpm_jax import configuration
+from ddpm_jax.configs import ddpm as ddpm_config
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repo
 
 # Everything but the device count is fixed here, so in-process tests that build the same config
 # (with the session's data_dir) share compiled steps through conftest's `steps_for`.
