@@ -36,7 +36,7 @@ def _job_id_with_a_free_port() -> int:
 _TASK = """
 import logging; logging.basicConfig(level=logging.INFO)  # jax.distributed's lines, as train.py's absl logging shows them
 import jax, jax.numpy as jnp
-from ddpm_jax import distributed
+from ddpm_jax.training import distributed
 assert distributed.initialize(auto=True)
 total = jax.pmap(lambda x: jax.lax.psum(x, "i"), axis_name="i")(jnp.full((jax.local_device_count(),), jax.process_index() + 1.0))
 print("process", jax.process_index(), "of", jax.process_count(), "devices", jax.device_count(), "sum", float(total[0]))

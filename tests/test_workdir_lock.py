@@ -206,7 +206,8 @@ def test_remote_store_best_effort(tmp_path, monkeypatch):
 
 _HOLDER = textwrap.dedent("""
     import sys, time
-    from ddpm_jax import errors, workdir_lock
+    from ddpm_jax import errors
+    from ddpm_jax.training import workdir_lock
     time.sleep(max(0.0, float(sys.argv[2]) - time.time()))  # start together
     try:
         lock = workdir_lock.acquire(sys.argv[1], command="holder", say=lambda line: print(line, flush=True))
