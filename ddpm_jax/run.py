@@ -1,7 +1,9 @@
 """Loading a trained run (public: `ddpm_jax.load_run`), for notebooks, sample.py and evaluate.
 
     run = ddpm_jax.load_run("runs/default")            # the newest checkpoint, EMA params
-    x0_hat = run.model_fn(x_t, t)                      # the network, params closed over
+    print(run)                                         # method, step, parameterization, noise schedule
+    run.noise_schedule.plot("log_snr.png")             # log SNR against t, for every method with one
+    eps_hat = run.model_fn(x_t, t)                     # the network, params closed over
     images = run.sample(16, seed=0)                    # [16, H, W, C] in [-1, 1]
 
 Reads without writing (a read-only checkpoint manager), so it is safe beside a running training.
@@ -19,15 +21,21 @@ import numpy as np
 from ddpm_jax import fileio, methods
 from ddpm_jax.errors import CheckpointError, ConfigError
 from ddpm_jax.methods import Method
+from ddpm_jax.methods.base import NoiseSchedule
 from ddpm_jax.training import checkpoint, train_lib
 from ddpm_jax.training.validation import validate_config, without_unread_fields
 
 WHICH = ("ema", "raw")
 
 
-@dataclasses.dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True, repr=False)
 class Run:
-    """A trained run: its config, method, restored state and the chosen params ("ema" or "raw")."""
+    """A trained run: its config, method, restored state and the chosen params ("ema" or "raw").
+
+    What any run answers, whatever its method: `method_name`, `step`, `parameterization` and
+    `variance` (None where the method has none), `noise_schedule` (log SNR against t, printable and
+    plottable; None for the VAEs), `model_fn`, `sample`. `print(run)` says them in a few lines.
+    """
 
     workdir: str
     config: ml_collections.ConfigDict
@@ -44,9 +52,22 @@ class Run:
         return self.state.ema_params if self.which == "ema" else self.state.params
 
     @property
+    def method_name(self) -> str:
+        """config.method: "vdm", "ddpm", "vae" or "hvae"."""
+        return self.method.name
+
+    @property
     def schedule(self):
-        """The Schedule of a discrete DDPM (for a learned schedule, the one its params define)."""
+        """The method's own schedule: a DDPM's core Schedule (for a learned schedule, the one its
+        params define), VDM's {"t", "gamma"} on a grid, None for the VAEs. `noise_schedule` is the
+        same for every method."""
         return self.method.schedule(self.params)
+
+    @property
+    def noise_schedule(self) -> NoiseSchedule | None:
+        """log SNR against t (per step for a DDPM, on a grid of [0, 1] for VDM); None for the VAEs.
+        `print` it, `.plot(path)` it, or plot its `t` and `log_snr` arrays yourself."""
+        return self.method.noise_schedule(self.params)
 
     @property
     def parameterization(self) -> str | None:
@@ -69,7 +90,18 @@ class Run:
         self.method.check_sampler(sampler, num_steps, eta)
         fn = jax.jit(lambda p, key: self.method.sample(p, key, num, sampler=sampler, num_steps=num_steps, eta=eta))
         key = jax.random.fold_in(jax.random.PRNGKey(seed), 0)  # sample.py's first device: the same images
-        return np.asarray(fn(self.params, key)["samples"])
+        # Clipped to the documented range whatever the sampler (VDM's top bin once came out at 1.0000001).
+        return np.clip(np.asarray(fn(self.params, key)["samples"]), -1.0, 1.0)
+
+    def __str__(self) -> str:
+        return (
+            f"{self.method_name} run at step {self.step} ({self.which} params) in {self.workdir}: "
+            f"parameterization {self.parameterization}, variance {self.variance}\n"
+            f"noise schedule: {self.noise_schedule}"
+        )
+
+    def __repr__(self) -> str:
+        return f"<Run {self.method_name} at step {self.step} ({self.which} params) in {self.workdir}>"
 
 
 def load_config(workdir: str) -> ml_collections.ConfigDict:

@@ -136,7 +136,9 @@ def test_lock_on_the_bucket(gcs):
     """No exclusive create on an object store: write, wait, verify. A second process is refused while
     the first holds the lock, and gets it once the first has released it."""
     workdir = f"{gcs}/locked"
-    second = f"from ddpm_jax.training import workdir_lock; workdir_lock.acquire({workdir!r}, command='second').release()"
+    second = (
+        f"from ddpm_jax.training import workdir_lock; workdir_lock.acquire({workdir!r}, command='second').release()"
+    )
     with workdir_lock.acquire(workdir, command="first") as lock:
         assert epath.Path(lock.path).exists()
         refused = _other_process(second)

@@ -195,3 +195,145 @@ def test_checkpointed_config_digest_is_stable(sweep):
     workdir = os.path.join(out, "cells", "ddpm")
     row = json.load(open(os.path.join(workdir, ablate.CELL_FILE)))
     assert configuration.digest(checkpoint.load_config(workdir)) == row["config_digest"]
+
+
+class _Draws:
+    """A stand-in method: its bound of an image is params x (the image's mean) + its random draws, t
+    drawn as diffusion.bpd_estimate draws it (the device's key, one per example) and eps from the
+    example's own key (as the discrete chain's terms do)."""
+
+    def bound_terms(self, params, x, keys, rng, *, num_strata):
+        t = jax.random.uniform(rng, (x.shape[0],))
+        eps = jax.vmap(lambda k: jax.random.normal(k, ()))(keys)
+        return {"total_bpd": params * x.mean(axis=(1, 2, 3)) + t + eps}
+
+
+def test_the_bound_per_image_is_in_split_order_with_common_draws_per_seed():
+    """evaluate_bpd(per_image=True) on 4 devices with a padded last batch: every test image's bound in
+    the split's order; two cells (other params) of one seed draw the same t and eps per image (the final
+    bound's key is PRNGKey(config.seed + 1)): common random numbers; another seed draws others."""
+    import functools
+
+    p_bpd = jax.pmap(
+        functools.partial(train_lib.bpd_step, method=_Draws(), num_strata=1),
+        axis_name=distributed.AXIS,
+        in_axes=(0, 0, 0, None),
+    )
+    images = np.random.default_rng(0).integers(0, 256, (21, 8, 8, 1), dtype=np.uint8)
+
+    def bound(params, seed):
+        out = report.evaluate_bpd(
+            p_bpd,
+            distributed.replicate(jnp.float32(params)),
+            images,
+            None,
+            jax.random.PRNGKey(seed + 1),
+            batch_size=8,
+            per_image=True,
+        )
+        assert out["num_examples"] == 21 and out["total_bpd"] == pytest.approx(out["total_bpd_per_image"].mean())
+        return out["total_bpd_per_image"]
+
+    draws = bound(0.0, seed=0)
+    # Every batch is evaluated with the same key, so an image's draws depend on its position in its batch
+    # (here 8 distinct ones; the digits' final bound is one batch of 300 >= 297 images: all distinct).
+    assert draws.shape == (21,) and len(np.unique(draws)) == 8
+    means = pipeline.scale_images(images).mean(axis=(1, 2, 3))
+    np.testing.assert_allclose(bound(1.0, seed=0) - draws, means, atol=1e-5)  # the split's order
+    np.testing.assert_allclose(bound(3.0, seed=0) - 3.0 * means, draws, atol=1e-5)  # same draws: another cell
+    assert np.all(np.abs(bound(0.0, seed=1) - draws) > 1e-6)  # another seed, other draws
+    assert "total_bpd_per_image" not in report.evaluate_bpd(
+        p_bpd, distributed.replicate(jnp.float32(0.0)), images, None, jax.random.PRNGKey(1), batch_size=8
+    )
+
+
+@pytest.mark.slow
+def test_seeds_get_their_own_workdirs_resume_and_the_table_pairs_them(sweep, tmp_path, steps_for, monkeypatch, capsys):
+    """--seeds=2 on the module's grid: seed 0 reads the sweep's runs back (today's folders), seed 1
+    trains into <cell>@seed1 with config.seed 1 (stopped halfway once, then resumed from its
+    checkpoint); the table gives the mean ± se over seeds and the difference from the reference cell
+    (the first, ddpm) paired by seed and test image, with its interval and verdict."""
+    import shutil
+
+    grid, sweep_out, _ = sweep
+    shutil.copytree(os.path.join(sweep_out, "cells"), tmp_path / "cells")
+    out = str(tmp_path)
+    train = loop.train_and_evaluate
+
+    def steps_of(config):  # the compiled steps do not depend on the seed: reuse the sweep's
+        unseeded = config.copy_and_resolve_references()
+        unseeded.seed = 0
+        return steps_for(unseeded)
+
+    def stop_halfway(config, workdir, **kw):
+        stop = 30 if workdir.endswith(os.path.join("ddpm@seed1")) else None
+        return train(config, workdir, steps=steps_of(config), stop_at_step=stop)
+
+    monkeypatch.chdir(ROOT)
+    monkeypatch.setattr(loop, "train_and_evaluate", stop_halfway)
+    assert ablate.run_grid(grid, out, seeds=2, num_samples=16) is None  # pre-empted in ddpm@seed1
+    printed = capsys.readouterr().out
+    assert "Plan: 2 cell(s) x 2 seed(s) = 4 runs" in printed and "2 finished, 2 to run" in printed
+    seed1 = os.path.join(out, "cells", "ddpm@seed1")
+    assert not os.path.exists(os.path.join(seed1, ablate.CELL_FILE))
+    assert checkpoint.load_config(seed1).seed == 1
+
+    monkeypatch.setattr(loop, "train_and_evaluate", lambda c, w, **kw: train(c, w, steps=steps_of(c), **kw))
+    rows = ablate.run_grid(grid, out, seeds=2, num_samples=16)
+    printed = capsys.readouterr().out
+    assert "Resuming from the checkpoint at step 30" in printed
+    assert "for the 1 run(s) left" in printed  # the estimate after the first run it trained
+    runs = {}
+    for name in ("ddpm", "ddpm@seed1", "vae", "vae@seed1"):
+        run = json.load(open(os.path.join(out, "cells", name, ablate.CELL_FILE)))
+        per_image = fileio.load_npz(os.path.join(out, "cells", name, report.BOUND_PER_IMAGE))["total_bpd"]
+        assert per_image.shape == (297,) and per_image.mean() == pytest.approx(run["total_bpd"], rel=1e-5)
+        assert run["steps"] == 60 and run["seed"] == run["seed_index"] == (1 if "@" in name else 0)
+        runs[name] = run
+    assert runs["ddpm"]["total_bpd"] != runs["ddpm@seed1"]["total_bpd"]  # another init, data order, noise
+
+    by_cell = {r["cell"]: r for r in rows}
+    ddpm, vae = by_cell["ddpm"], by_cell["vae"]
+    assert ddpm["seeds"] == vae["seeds"] == 2 and ddpm["total_bpd_verdict"] == "reference"
+    pair = [runs["vae"]["total_bpd"], runs["vae@seed1"]["total_bpd"]]
+    assert vae["total_bpd"] == pytest.approx(np.mean(pair))
+    assert vae["total_bpd_se"] == pytest.approx(abs(pair[0] - pair[1]) / 2) and vae["se_over"] == "seeds"
+    want = np.mean(pair) - np.mean([runs["ddpm"]["total_bpd"], runs["ddpm@seed1"]["total_bpd"]])
+    assert vae["total_bpd_diff"] == pytest.approx(want, rel=1e-5)
+    assert vae["total_bpd_diff_lo"] < vae["total_bpd_diff"] < vae["total_bpd_diff_hi"]
+    assert vae["total_bpd_interval"].startswith("seeds x images; 2 paired seed(s) x 297 images")
+    assert vae["total_bpd_verdict"] in ("better", "worse", "within noise")
+    assert vae["fd_interval"].startswith("seeds; 2 paired") and "fd_diff" in vae
+    table = open(os.path.join(out, "grid", "results.md")).read()
+    assert "2 seed(s) per cell, the test split (297 images)" in table
+    assert all(
+        h in table for h in ("Δ total_bpd [95%]", "bpd verdict", "Δ fd [95%]", "fd verdict", vae["total_bpd_verdict"])
+    )
+    header = open(os.path.join(out, "grid", "results.csv")).readline().strip().split(",")
+    for col in (
+        "total_bpd_diff",
+        "total_bpd_diff_lo",
+        "total_bpd_diff_hi",
+        "total_bpd_verdict",
+        "fd_verdict",
+        "seeds",
+        "split",
+    ):
+        assert col in header, col
+    by_seed = open(os.path.join(out, "grid", "results_by_seed.csv")).read().strip().splitlines()
+    assert len(by_seed) == 5 and by_seed[0].startswith("cell,seed_index,seed,run")
+    assert os.path.exists(os.path.join(out, "grid", "bpd_vs_step.png"))
+
+    def no_training(*args, **kwargs):
+        raise AssertionError("a finished run was trained again")
+
+    monkeypatch.setattr(loop, "train_and_evaluate", no_training)
+    again = ablate.run_grid(grid, out, seeds=2, num_samples=16)
+    assert [(r["cell"], r.get("total_bpd_diff")) for r in again] == [(r["cell"], r.get("total_bpd_diff")) for r in rows]
+    assert "4 finished, 0 to run" in capsys.readouterr().out
+    # --notrain: the tables of what has finished (2 of 3 seeds), nothing trained.
+    partial = ablate.run_grid(grid, out, seeds=3, train=False, num_samples=16)
+    assert "4 finished, 2 to run (not now: --notrain)" in capsys.readouterr().out
+    assert [(r["cell"], r.get("seeds"), r.get("total_bpd_diff")) for r in partial] == [
+        (r["cell"], r.get("seeds"), r.get("total_bpd_diff")) for r in rows
+    ]

@@ -50,12 +50,25 @@ def _session(acc) -> dict:
     return {k: getattr(v, v.WhichOneof("kind")) for k, v in info.hparams.items()}
 
 
-def _saved_png(path, like) -> np.ndarray:
-    """A picture saved by plots.save_png, at the size of `like` again (its nearest-neighbour scale undone)."""
+def _saved_png(path) -> np.ndarray:
+    """A picture saved by plots.save_png, as uint8 [H, W, C]."""
     pixels = np.asarray(Image.open(path))
-    pixels = pixels[..., None] if pixels.ndim == 2 else pixels
-    scale = pixels.shape[0] // like.shape[0]
-    return pixels[::scale, ::scale]
+    return pixels[..., None] if pixels.ndim == 2 else pixels
+
+
+def _cells(grid, ncol, size=8, pad=1) -> np.ndarray:
+    """The images of a pixel-size plots.image_grid (TensorBoard's), row by row: uint8 [N, size, size, C]."""
+    nrow = (grid.shape[0] - pad) // (size + pad)
+    return np.stack(
+        [
+            grid[
+                pad + r * (size + pad) : pad + r * (size + pad) + size,
+                pad + q * (size + pad) : pad + q * (size + pad) + size,
+            ]
+            for r in range(nrow)
+            for q in range(ncol)
+        ]
+    )
 
 
 def test_hparams_are_the_flattened_config():
@@ -158,15 +171,19 @@ def test_training_run_writes_grids_and_one_session(tmp_path, data_dir, steps_for
     acc = _events(workdir)
     grids = _images(acc, "samples/ema")
     assert sorted(grids) == [4, 8, 12]
-    for step in (4, 8):
-        png = _saved_png(os.path.join(workdir, "samples", f"step_{step:07d}.png"), grids[step])
-        np.testing.assert_array_equal(png, grids[step])
+    for step in (4, 8):  # the PNG is the same images as TensorBoard's, scaled up (plots.grid_picture)
+        png = _saved_png(os.path.join(workdir, "samples", f"step_{step:07d}.png"))
+        np.testing.assert_array_equal(png, plots.grid_picture(_cells(grids[step], ncol=3)[:8], ncol=3))
     final = plots.image_grid(np.load(os.path.join(workdir, "samples.npz"))["samples"])
     assert final.shape == (3 * 9 + 1, 3 * 9 + 1, 1)  # 8 digits of 8x8 in a 3x3 grid, 1-pixel gaps
     np.testing.assert_array_equal(grids[12], final)
     strips = _images(acc, "samples/denoising_strip")
     assert list(strips) == [12]
-    np.testing.assert_array_equal(_saved_png(os.path.join(workdir, "denoising_strip.png"), strips[12]), strips[12])
+    frames = strips[12].shape[1] // 9  # columns of 8 + 1 pixels
+    body = plots.grid_picture(_cells(strips[12], ncol=frames), ncol=frames)  # the PNG: a labelled band above it
+    png = _saved_png(os.path.join(workdir, "denoising_strip.png"))
+    assert png.shape[0] > body.shape[0]
+    np.testing.assert_array_equal(png[-body.shape[0] :], body)
 
     session = _session(acc)
     assert session["training.sample_every"] == 4 and session["model.ch_mult"] == "(1,)"

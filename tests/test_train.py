@@ -132,21 +132,15 @@ def test_resume_is_exact(tmp_path, data_dir, steps_for):
 
 
 def _grid_cells(png, num, size=8):
-    """The images of a saved grid (plots.save_grid's layout, scaled up), as uint8 [num, size, size]."""
-    ncol, pad = int(np.ceil(np.sqrt(num))), 1
-    nrow = -(-num // ncol)
+    """The images of a saved grid (plots.grid_picture's layout: each image scaled up by a whole
+    factor, plots.SEPARATOR pixels apart), at pixel size again, as uint8 [num, size, size]."""
+    ncol, sep = int(np.ceil(np.sqrt(num))), plots.SEPARATOR
     pixels = np.asarray(Image.open(png))
-    scale = pixels.shape[0] // (nrow * (size + pad) + pad)
-    grid = pixels[::scale, ::scale]
-    return np.stack(
-        [
-            grid[
-                pad + r * (size + pad) : pad + r * (size + pad) + size,
-                pad + q * (size + pad) : pad + q * (size + pad) + size,
-            ]
-            for r, q in (divmod(i, ncol) for i in range(num))
-        ]
-    )
+    cell = (pixels.shape[1] - sep) // ncol - sep  # a scaled-up image's side
+    scale = cell // size
+    assert scale > 1 and cell == scale * size, (pixels.shape, cell)
+    corners = [(sep + r * (cell + sep), sep + q * (cell + sep)) for r, q in (divmod(i, ncol) for i in range(num))]
+    return np.stack([pixels[top : top + cell : scale, left : left + cell : scale] for top, left in corners])
 
 
 @pytest.mark.slow

@@ -6,4 +6,4 @@ from ._common import grid
 
 def get_grid():
     vlb = {"diffusion.loss_type": "vlb", "diffusion.timestep_sampler": "importance"}
-    return grid({"vlb": vlb, "learned_vlb": {**vlb, "diffusion.schedule": "learned"}})
+    return grid({"vlb": vlb, "learned_vlb": {**vlb, "diffusion.schedule": "learned"}}, reference="vlb")

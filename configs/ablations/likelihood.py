@@ -8,6 +8,7 @@ def get_grid():
     return {
         "base": "ddpm",
         "overrides": {"training.eval_every": 250},
+        "reference": "ladder_ddpm",  # the paired differences are against the paper's DDPM
         "cells": {
             "ladder_vae": {"config": "vae"},
             "ladder_hvae": {"config": "hvae"},

@@ -20,6 +20,7 @@ from absl import app, flags
 from ml_collections.config_flags import config_flags as ml_collections_flags
 
 from ddpm_jax import configuration, xla_flags
+from ddpm_jax.commands import logs
 from ddpm_jax.configuration import load_config_file, lookup_field
 from ddpm_jax.errors import ConfigError, UserError
 
@@ -153,17 +154,23 @@ def _list_in_help(main) -> None:
     command_flags = list(flags.FLAGS.flags_by_module_dict().get(main.__module__, []))
     if "config" in flags.FLAGS:
         command_flags.append(flags.FLAGS["config"])
+    if "log_level" in flags.FLAGS:
+        command_flags.append(flags.FLAGS["log_level"])
     for flag in command_flags:
         flags.FLAGS.register_key_flag_for_module(sys.argv[0], flag)
 
 
 def run(main, config_default: str | None = None) -> None:
     """app.run(main) with the XLA:CPU flags set first and `flags_parser(config_default)`; a UserError
-    (or ValueError, or an OSError of a full disk) from main exits with `error: <message>` and status 1."""
+    (or ValueError, or an OSError of a full disk) from main exits with `error: <message>` and status 1.
+
+    The console is quiet (ddpm_jax.commands.logs): --log_level=quiet|info|debug says whether the
+    libraries' INFO lines show; a command with a workdir sends them to <workdir>/log.txt."""
 
     def checked_main(argv):
         if len(argv) > 1:
             raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+        logs.start(flags.FLAGS.log_level)  # after app.run has put absl's handler on the root logger
         try:
             return main(argv)
         except (UserError, ValueError) as e:
@@ -175,7 +182,11 @@ def run(main, config_default: str | None = None) -> None:
                 f"error: no space left{f' for {e.filename}' if e.filename else ''} ({e.strerror}): free space "
                 "there, or write elsewhere."
             )
+        finally:
+            logs.stop()  # closes <workdir>/log.txt (copies a remote one)
 
+    logs.define_flag()
+    logs.quiet_native_logs(logs.level_in_argv(sys.argv))  # before TensorFlow or jaxlib loads
     xla_flags.configure()  # before anything creates a JAX backend
     _list_in_help(main)
     app.run(checked_main, flags_parser=flags_parser(config_default))

@@ -17,7 +17,7 @@ import sys
 
 from absl import flags
 
-from ddpm_jax.commands import cli
+from ddpm_jax.commands import cli, logs
 
 DEFAULT_CONFIG = "vdm"
 
@@ -47,11 +47,19 @@ def define_flags():
         from ddpm_jax.training import distributed
 
         # before anything touches a device
-        distributed.initialize(coordinator.value, num_processes.value, process_id.value, auto=auto.value)
+        multi = distributed.initialize(coordinator.value, num_processes.value, process_id.value, auto=auto.value)
+        import jax
+
         from ddpm_jax.data import pipeline
-        from ddpm_jax.training import loop
+        from ddpm_jax.training import loop, progress
 
         pipeline.hide_gpus_from_tf()
+        if not progress.is_terminal():  # a file: tfds's dataset-preparation bars would write \r frames
+            import tensorflow_datasets as tfds
+
+            tfds.disable_progress_bar()
+        process = jax.process_index() if multi else 0  # (single process: no backend started here)
+        logs.to_workdir(workdir, process)  # the libraries' log lines, to <workdir>/log.txt once it exists
         try:
             results = loop.train_and_evaluate(config_flag.value, workdir)
         except KeyboardInterrupt:
@@ -63,7 +71,7 @@ def define_flags():
             if distributed.is_main_process():
                 print(f"To resume: {shlex.join([sys.executable] + sys.argv)}")
             return
-        for key, value in results.items():
+        for key, value in results.items():  # every process: their params_sha256 must agree
             print(f"{key}: {value}")
 
     return main

@@ -283,7 +283,8 @@ def sample_loop(
         frames = {"frames": trajectory[0][idx], "pred_x0": trajectory[1][idx], "frame_t": steps[idx] / num_steps}
     alpha_0, _ = alpha_sigma(_bcast(gamma_fn(jnp.zeros((batch,))), z))
     k = jnp.clip(jnp.round((z / alpha_0 + 1.0) * 127.5), 0, NUM_BINS - 1)
-    return {"samples": k / 127.5 - 1.0, **frames}
+    # Clipped: XLA may divide by multiplying with 1 / 127.5, which puts bin 255 at 1.0000001.
+    return {"samples": jnp.clip(k / 127.5 - 1.0, -1.0, 1.0), **frames}
 
 
 # --- a reference denoiser --------------------------------------------------------------------

@@ -22,11 +22,11 @@ import jax
 import ml_collections
 import numpy as np
 from etils import epath
-from tqdm.auto import tqdm
 
 from ddpm_jax import fileio
 from ddpm_jax.evaluation import plots, sample_lib
 from ddpm_jax.training import distributed
+from ddpm_jax.training.progress import iterate
 
 if TYPE_CHECKING:  # annotations only
     from ddpm_jax.training.metric_writer import MetricWriter
@@ -45,10 +45,16 @@ def _sum_batches(step_fn, params, test_images, batch_size: int, rng, num_batches
 
     batches = pipeline.eval_batches(test_images, batch_size, num_batches=num_batches)
     if progress:
-        batches = tqdm(list(batches), desc=progress, unit="batch", disable=not distributed.is_main_process())
+        batches = iterate(batches, desc=progress, unit="batch", enabled=distributed.is_main_process())
+    per_example = []
     for batch, mask in batches:
         out = distributed.unreplicate(step_fn(params, batch, mask, rng))
+        each = out.pop("per_example", None)  # per-example values (bpd_step): kept in order, not summed
+        if each is not None:
+            per_example.append(np.asarray(each["total_bpd"], np.float64)[np.asarray(each["mask"]) > 0])
         sums = out if sums is None else jax.tree_util.tree_map(np.add, sums, out)
+    if per_example:
+        sums["per_example_total_bpd"] = np.concatenate(per_example)
     return sums
 
 
@@ -60,12 +66,25 @@ def evaluate_loss(p_eval, params, test_images, config, rng, num_batches: int | N
 
 
 def evaluate_bpd(
-    p_bpd, params, test_images, config, rng, batch_size: int | None = None, num_batches: int | None = None
+    p_bpd,
+    params,
+    test_images,
+    config,
+    rng,
+    batch_size: int | None = None,
+    num_batches: int | None = None,
+    per_image: bool = False,
 ) -> dict:
-    """Negative ELBO over the whole test split in bits/dim, with its parts (and the per-t terms)."""
+    """Negative ELBO over the whole test split in bits/dim, with its parts (and the per-t terms).
+
+    With per_image, also "total_bpd_per_image": float64 [images] every test image's total, in the
+    split's order (all processes' images: the global batches, devices in order); with the same config.seed
+    (so the same rng), batch size, device count and bound, two runs draw the same t and eps for an image.
+    """
     sums = _sum_batches(
         p_bpd, params, test_images, batch_size or config.training.batch_size, rng, num_batches, progress="test bits/dim"
     )
+    each = sums.pop("per_example_total_bpd", None)
     count = sums.pop("count")
     mean_sq = sums.pop("total_bpd_sq") / count
     result = {k: float(v / count) for k, v in sums.items() if k != "vb"}
@@ -75,6 +94,8 @@ def evaluate_bpd(
         vb = sums["vb"] / count
         result.update(decoder_bpd=float(vb[0]), diffusion_bpd=float(vb[1:].sum()), vb_per_t=vb.tolist())
     result["num_examples"] = int(count)
+    if per_image and each is not None:
+        result["total_bpd_per_image"] = each
     return result
 
 
@@ -103,8 +124,9 @@ class FinalContext:
 
 
 def final_samples(ctx: FinalContext) -> dict:
-    """The EMA params' samples with their denoising frames: samples.npz, the grid samples.png and
-    denoising_strip.png (where the method has a chain), also as TensorBoard images."""
+    """The EMA params' samples with their denoising frames: samples.npz (the arrays), the grid
+    samples.png and denoising_strip.png (where the method has a chain; its columns labelled with
+    their t), scaled up to be seen (plots.grid_picture), and at pixel size as TensorBoard images."""
     out = sample_lib.draw_samples(
         ctx.steps.p_sample,
         ctx.rstate.ema_params,
@@ -118,21 +140,29 @@ def final_samples(ctx: FinalContext) -> dict:
     results = {"samples_png": plots.save_grid(out["samples"], ctx.workdir / "samples.png")}
     ctx.writer.write_images(ctx.step, {"samples/ema": plots.image_grid(out["samples"])})
     if "frames" in out:  # a method without a chain (the VAE) has none to show
-        results["strip_png"] = plots.save_strip(out["frames"][:, :8], ctx.workdir / "denoising_strip.png")
+        results["strip_png"] = plots.save_strip(
+            out["frames"][:, :8], ctx.workdir / "denoising_strip.png", frame_t=out.get("frame_t")
+        )
         ctx.writer.write_images(ctx.step, {"samples/denoising_strip": plots.strip_image(out["frames"][:, :8])})
     return results
 
 
 def final_curves(ctx: FinalContext) -> dict:
-    """loss.png: the training and test loss over the run (from the metric writer's records)."""
+    """loss.png: the training and test loss over the run (from the metric writer's records), on a
+    log axis in the method's loss unit (with the test bound in bits/dim beside a loss that is not)."""
     if ctx.is_main:
-        plots.plot_curves(ctx.writer.records(), ["loss", "test_loss"], ctx.workdir / "loss.png", "training loss")
+        plots.plot_loss(ctx.writer.records(), ctx.workdir / "loss.png", loss_unit=ctx.steps.method.loss_unit())
     return {}
+
+
+BOUND_PER_IMAGE = "bound_per_image.npz"
 
 
 def final_bound(ctx: FinalContext) -> dict:
     """The EMA params' test bound in bits/dim (steps.p_bpd: config.training.final_bpd_strata), with
-    bpd_terms.png when it has all T terms; also written as test_* metrics."""
+    bpd_terms.png when it has all T terms; also written as test_* metrics. Every test image's total
+    goes to bound_per_image.npz (`total_bpd` [images], in the split's order, with the draws' seed,
+    batch size, strata and device count: runs that agree on those drew the same t and eps per image)."""
     config = ctx.config
     # The bound costs T network calls per image: one large batch wastes the least on padding.
     bpd_batch = config.training.bpd_batch_size or config.training.batch_size
@@ -144,8 +174,19 @@ def final_bound(ctx: FinalContext) -> dict:
         ctx.eval_rng,
         batch_size=bpd_batch,
         num_batches=num_eval_batches(ctx.test_images, bpd_batch),
+        per_image=True,
     )
     vb_per_t = bpd.pop("vb_per_t", None)
+    per_image = bpd.pop("total_bpd_per_image", None)
+    if ctx.is_main and per_image is not None:  # for differences paired by image (ddpm-ablate)
+        fileio.save_npz(
+            ctx.workdir / BOUND_PER_IMAGE,
+            total_bpd=per_image,
+            seed=np.int64(config.seed),  # the draws' key: PRNGKey(seed + 1)
+            batch_size=np.int64(bpd_batch),
+            strata=np.int64(config.training.final_bpd_strata),
+            devices=np.int64(jax.device_count()),
+        )
     if ctx.is_main and vb_per_t is not None:
         plots.plot_vb_terms(vb_per_t, ctx.workdir / "bpd_terms.png", f"test bound: {bpd['total_bpd']:.3f} bits/dim")
     ctx.writer.write(ctx.step, {f"test_{k}": v for k, v in bpd.items()})

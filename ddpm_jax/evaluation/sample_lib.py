@@ -117,5 +117,5 @@ def sample_from_workdir(
     fileio.save_npz(stem + ".npz", samples=result["samples"])
     paths = [stem + ".npz", plots.save_grid(result["samples"], png)]
     if "frames" in result:
-        paths.append(plots.save_strip(result["frames"][:, :8], stem + "_strip.png"))
+        paths.append(plots.save_strip(result["frames"][:, :8], stem + "_strip.png", frame_t=result.get("frame_t")))
     return paths

@@ -19,6 +19,7 @@ from typing import Any, ClassVar
 import chex
 import jax
 import ml_collections
+import numpy as np
 
 Params = Any
 
@@ -42,6 +43,38 @@ class Sampler:
     label: str | None = None
     frames: bool = True
     doc: str = ""
+
+
+@dataclasses.dataclass(frozen=True, repr=False)
+class NoiseSchedule:
+    """A run's noise schedule, the same for every method: log SNR(t) = log(a_t^2 / s_t^2) against t.
+
+    t: [N] float64, the discrete chain's steps 0..T-1 (`discrete`), or a grid of continuous t in
+      [0, 1] (VDM); log_snr: [N] float64, falling with t. `str()` says it in one line; `plot(path)`
+      draws it as a PNG.
+    """
+
+    name: str  # what the schedule is: "linear", "learned", "fixed linear gamma (VDM)", ...
+    t: np.ndarray
+    log_snr: np.ndarray
+    discrete: bool
+
+    def __str__(self) -> str:
+        t, snr = self.t, self.log_snr
+        where = f"{len(t)} steps, t = 0..{len(t) - 1}" if self.discrete else f"continuous t in [0, 1], {len(t)} points"
+        return (
+            f"{self.name} schedule ({where}): log SNR {snr[0]:.2f} at t = {t[0]:g}, {snr[len(t) // 2]:.2f} at "
+            f"t = {t[len(t) // 2]:g}, {snr[-1]:.2f} at t = {t[-1]:g}"
+        )
+
+    def __repr__(self) -> str:
+        return f"NoiseSchedule({self})"
+
+    def plot(self, path) -> str:
+        """Writes log SNR against t as a PNG (local or gs://); returns path."""
+        from ddpm_jax.evaluation import plots
+
+        return plots.plot_noise_schedule(self, path)
 
 
 class Method(abc.ABC):
@@ -208,12 +241,22 @@ class Method(abc.ABC):
         return model_fn
 
     def schedule(self, params: Params):
-        """The noise schedule these params use (None for a method without one)."""
+        """The noise schedule these params use, in the method's own form (a DDPM's core `Schedule`;
+        None for a method without one); `noise_schedule` is the same for every method."""
+        return None
+
+    def noise_schedule(self, params: Params) -> NoiseSchedule | None:
+        """The noise schedule as log SNR against t (`NoiseSchedule`); None for a method without one."""
         return None
 
     def describe(self) -> dict:
         """What `load_run` reports beside the schedule: parameterization, variance, ..."""
         return {}
+
+    def loss_unit(self) -> str:
+        """What the training loss ("loss") measures, for loss.png's axis: "bits/dim" where it is the
+        negative ELBO (or an estimate of it), else what it is (a DDPM's L_simple: an MSE)."""
+        return "bits/dim"
 
 
 def example_noise(keys: chex.PRNGKey, shape: tuple[int, ...]) -> jax.Array:

@@ -24,7 +24,7 @@ from absl import logging
 from ddpm_jax import checks
 from ddpm_jax.core import diffusion, likelihood, sampling, schedules, timesteps
 from ddpm_jax.errors import ConfigError
-from ddpm_jax.methods.base import Method, Sampler, example_noise
+from ddpm_jax.methods.base import Method, NoiseSchedule, Sampler, example_noise
 from ddpm_jax.models import learned_schedule
 from ddpm_jax.models.unet import create_model as create_unet
 
@@ -242,6 +242,22 @@ class DDPM(Method):
         if self._fixed_schedule is not None:
             return self._fixed_schedule
         return learned_schedule.schedule_from_params(self.apply_fn, params)
+
+    def noise_schedule(self, params) -> NoiseSchedule:
+        """log SNR of each step t = 0..T-1 (of the learned schedule these params define, where learned)."""
+        sched = self.schedule(params)
+        a = np.asarray(sched.sqrt_alphas_cumprod, np.float64)
+        s = np.asarray(sched.sqrt_one_minus_alphas_cumprod, np.float64)
+        t = np.arange(len(a), dtype=np.float64)
+        return NoiseSchedule(self.config.diffusion.schedule, t, 2.0 * (np.log(a) - np.log(s)), discrete=True)
+
+    def loss_unit(self) -> str:
+        """bits/dim for the bound's losses (vlb, weighted); L_simple and hybrid are the MSE of the
+        network's target (hybrid plus 1e-3 T L_t), and prior_loss adds L_T."""
+        if self.loss_type in ("vlb", "weighted"):
+            return "bits/dim"
+        unit = f"MSE of the {self.parameterization} target" + (" + 1e-3 T L_t" if self.loss_type == "hybrid" else "")
+        return unit + (" + L_T" if self.prior_loss else "")
 
     def decoder_log_scale(self, params):
         """[C] the learned t = 0 decoder's log std (pass it to the core's bound functions as

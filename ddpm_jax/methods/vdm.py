@@ -8,11 +8,12 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import ml_collections
+import numpy as np
 
 from ddpm_jax import checks
 from ddpm_jax.core import vdm
 from ddpm_jax.errors import ConfigError
-from ddpm_jax.methods.base import Method, Sampler, example_noise
+from ddpm_jax.methods.base import Method, NoiseSchedule, Sampler, example_noise
 from ddpm_jax.models.learned_schedule import MonotoneGamma
 from ddpm_jax.models.unet import create_model as create_unet
 from ddpm_jax.models.vdm_net import VDMScoreNet
@@ -184,3 +185,10 @@ class VDM(Method):
         """gamma(t) on a grid of 1001 points of [0, 1] (the continuous schedule has no Schedule table)."""
         t = jnp.linspace(0.0, 1.0, 1001)
         return {"t": t, "gamma": self.gamma_fn(params)(t)}
+
+    def noise_schedule(self, params) -> NoiseSchedule:
+        """log SNR(t) = -gamma(t) on `schedule`'s grid of 1001 points of [0, 1]."""
+        grid = self.schedule(params)
+        name = "learned gamma (VDM)" if self.config.vdm.learned_gamma else "fixed linear gamma (VDM)"
+        t, gamma = (np.asarray(grid[k], np.float64) for k in ("t", "gamma"))
+        return NoiseSchedule(name, t, -gamma, discrete=False)

@@ -20,13 +20,12 @@ import time
 import jax
 import ml_collections
 import numpy as np
-from tqdm.auto import tqdm
 
 from ddpm_jax import fileio, methods
 from ddpm_jax.data import pipeline, splits
 from ddpm_jax.errors import CheckpointError, ConfigError, TrainingDiverged
 from ddpm_jax.evaluation import plots, report, sample_lib
-from ddpm_jax.training import checkpoint, distributed, train_lib, workdir_lock
+from ddpm_jax.training import checkpoint, distributed, progress, train_lib, workdir_lock
 from ddpm_jax.training.guards import NonfiniteGuard, StopFlag
 from ddpm_jax.training.metric_writer import MetricWriter
 from ddpm_jax.training.validation import validate_config
@@ -55,7 +54,8 @@ def every(step: int, interval: int, last_step: int, *, at_last: bool = True) -> 
 
 class _Logger:
     """The log action: the train metrics' device means, steps/s and the steps skipped (non-finite)
-    since the last log, to the metric writer and the progress bar; refreshes the workdir lock."""
+    since the last log, to the metric writer and the progress (a bar or a line, progress.Progress); refreshes
+    the workdir lock."""
 
     def __init__(self, writer: MetricWriter, lock, bar, guard: NonfiniteGuard, step: int):
         self.writer, self.lock, self.bar, self.guard = writer, lock, bar, guard
@@ -74,7 +74,7 @@ class _Logger:
         self.last_time, self.last_step, self.skipped = now, step, self.guard.skipped
         self.writer.write(step, scalars)
         self.lock.refresh()  # WorkdirLocked if another run has taken the workdir over
-        self.bar.set_postfix(loss=f"{scalars['loss']:.4f}", steps_s=f"{scalars['steps_per_sec']:.2f}")
+        self.bar.log(step, scalars)  # the bar's postfix, or a line: step/total, loss, steps/s, ETA
 
 
 def _sample_grid(steps: train_lib.CompiledSteps, rstate, rng, step: int, config, workdir: str, writer) -> None:
@@ -223,14 +223,8 @@ def _train_and_evaluate(config, workdir: str, stop_at_step: int | None, steps, l
         tr = config.training
         num_steps = tr.num_train_steps
         guard = NonfiniteGuard(tr.max_nonfinite_steps)
-        bar = tqdm(
-            total=num_steps,
-            initial=initial_step,
-            desc="train",
-            unit="step",
-            disable=not distributed.is_main_process(),
-            dynamic_ncols=True,
-        )
+        # tqdm's bar on a terminal, one line per log step in a file (progress.is_terminal)
+        bar = progress.Progress(num_steps, initial_step, desc="train", enabled=distributed.is_main_process())
         # The periodic actions.
         log = _Logger(writer, lock, bar, guard, initial_step)
         test_loss = functools.partial(

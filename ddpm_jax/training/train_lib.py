@@ -194,7 +194,8 @@ def eval_step(
 
 
 def bpd_step(params, batch, mask, rng, *, method: Method, num_strata: int, axis_name: str | None = AXIS):
-    """Sums over real examples of the bound (total, its parts, squares of the total) for one batch.
+    """Sums over real examples of the bound (total, its parts, squares of the total) for one batch,
+    and under "per_example" every example's total_bpd with the mask (the global batch, not summed).
 
     num_strata = 0: the method's most exact bound (all T terms of a discrete chain, with their per-t
     sums "vb"); > 0: its unbiased estimate with that many strata.
@@ -204,7 +205,13 @@ def bpd_step(params, batch, mask, rng, *, method: Method, num_strata: int, axis_
     out = method.bound_terms(params, batch, keys, _device_rng(rng, axis_name), num_strata=num_strata)
     sums = {k: jnp.sum(v * (m[:, None] if v.ndim == 2 else m), axis=0) for k, v in out.items()}
     sums.update(total_bpd_sq=jnp.sum(out["total_bpd"] ** 2 * m), count=jnp.sum(m))
-    return _psum(sums, axis_name)
+    sums = _psum(sums, axis_name)
+    # Every example's total (the global batch, devices in axis order) and its mask: the per-image bound.
+    gather = (
+        (lambda x: x) if axis_name is None else functools.partial(jax.lax.all_gather, axis_name=axis_name, tiled=True)
+    )
+    sums["per_example"] = {"total_bpd": gather(out["total_bpd"]), "mask": gather(m)}
+    return sums
 
 
 def sample_step(
