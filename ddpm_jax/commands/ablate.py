@@ -105,25 +105,9 @@ COLUMNS = (  # results.csv: one row per cell
     "overrides",
 )
 RUN_COLUMNS = (  # results_by_seed.csv: one row per run
-    "cell",
-    "seed_index",
-    "seed",
-    "run",
-    "total_bpd",
-    "total_bpd_se",
-    "decoder_bpd",
-    "diffusion_bpd",
-    "prior_bpd",
-    "recon_bpd",
-    "kl_bpd",
-    "fd",
-    "fd_floor",
-    "classifier_score",
-    "final_train_loss",
-    "steps",
-    "train_time_s",
-    "num_examples",
-    "overrides",
+    *("cell", "seed_index", "seed", "run", "total_bpd_se"),
+    *AVERAGED,
+    *("steps", "num_examples", "overrides"),
 )
 
 
