@@ -26,3 +26,7 @@ class TrainingDiverged(UserError, RuntimeError):
 
 class WorkdirLocked(UserError, RuntimeError):
     """Another live run holds the workdir."""
+
+
+class FidWeightsError(UserError, RuntimeError):
+    """The FID Inception weights file is missing, cannot be downloaded, or is not the expected file."""
