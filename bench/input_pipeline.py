@@ -1,12 +1,14 @@
 """Input-pipeline throughput: images per second that pipeline.train_batches delivers, per number of host cores.
 
-32x32x3 uint8 images with random flips, batch 128 (one device), through the real train_batches path:
-  memory  -- a synthetic in-memory split of 50,000 images (CIFAR-10's size);
-  tfds    -- streamed (in_memory=False) from a tfds dataset of PNG-encoded images stored as ArrayRecord;
-  folder  -- streamed from a folder of PNG files.
-Each (source, cores) cell runs in its own process pinned to that many cores (sched_setaffinity before
-TensorFlow starts, so tf.data's AUTOTUNE sees only them). Timed: the batches after a warm-up, as the training
-loop takes them (float32 [1, 128, 32, 32, 3] NumPy arrays).
+Batch 128 (one device), through the real train_batches path (NumPy order, PIL decoding, no TensorFlow):
+  memory  -- a synthetic in-memory split of 50,000 32x32x3 images (CIFAR-10's size), random flips;
+  tfds    -- streamed (in_memory=False) from a tfds dataset of PNG-encoded 32x32x3 images stored as ArrayRecord,
+             random flips;
+  folder  -- streamed from a folder of 32x32x3 PNG files, random flips;
+  digits  -- the in-memory 8x8x1 digits (the main job's data), no flips (as configs/ddpm.py).
+Each (source, cores) cell runs in its own process pinned to that many cores (sched_setaffinity before the
+pipeline starts; the streamed sources decode on sources.pool(), whose threads then share those cores).
+Timed: the batches after a warm-up, as the training loop takes them (float32 [1, 128, H, W, C] NumPy arrays).
 
   python bench/input_pipeline.py                  # cores 1 and 2, ~2 minutes on 2 busy cores
   python bench/input_pipeline.py --cores=1,2,4,8  # on a bigger host
@@ -28,7 +30,7 @@ import time
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SIZE, BATCH, MEMORY_IMAGES = 32, 128, 50_000
 DEVICE_IMAGES_PER_SEC = 7_500  # an H200 training CIFAR-10 in bf16 (bench/RESULTS.md)
-SOURCES = ("memory", "tfds", "folder")
+SOURCES = ("memory", "tfds", "folder", "digits")
 
 
 def _synthetic(n: int, seed: int = 0):
@@ -38,37 +40,50 @@ def _synthetic(n: int, seed: int = 0):
 
 
 def _prepare_sources(root: str, n: int) -> None:
-    """The streamed sources under root: tfds/ (ArrayRecord dataset "bench_pictures") and folder/ (PNGs)."""
+    """The sources under root: tfds/ (ArrayRecord dataset "bench_pictures", and the digits) and folder/ (PNGs)."""
+    import io
+
     import tensorflow_datasets as tfds
     from PIL import Image
 
+    from ddpm_jax.data import pipeline
+
     images = _synthetic(n, seed=1)
     os.makedirs(os.path.join(root, "folder"))
+    encoded = []
     for i, x in enumerate(images):
-        Image.fromarray(x).save(os.path.join(root, "folder", f"{i:06d}.png"))
-    tfds.dataset_builders.store_as_tfds_dataset(
+        png = io.BytesIO()
+        Image.fromarray(x).save(png, format="PNG")
+        encoded.append(png.getvalue())
+        with open(os.path.join(root, "folder", f"{i:06d}.png"), "wb") as f:
+            f.write(encoded[-1])
+    tfds.dataset_builders.store_as_tfds_dataset(  # PNG bytes: tfds would encode arrays with TensorFlow
         name="bench_pictures",
         version="1.0.0",
         features=tfds.features.FeaturesDict({"image": tfds.features.Image(shape=(SIZE, SIZE, 3))}),
-        split_datasets={"train": [(i, {"image": x}) for i, x in enumerate(images)]},
+        split_datasets={"train": [(i, {"image": x}) for i, x in enumerate(encoded)]},
         data_dir=os.path.join(root, "tfds"),
         file_format="array_record",
     )
+    pipeline.load_images("digits", "train", os.path.join(root, "tfds"), 0, 1)  # prepared once
 
 
 def _worker(source: str, cores: int, root: str, seconds: float) -> dict:
-    os.sched_setaffinity(0, sorted(os.sched_getaffinity(0))[:cores])  # before TF sizes its thread pools
+    os.sched_setaffinity(0, sorted(os.sched_getaffinity(0))[:cores])  # before any thread starts
     from ddpm_jax.data import pipeline
 
+    flip = source != "digits"
     if source == "memory":
         images = _synthetic(MEMORY_IMAGES)
+    elif source == "digits":
+        images = pipeline.load_images("digits", "train", os.path.join(root, "tfds"), 0, 1)
     else:
         name = {"tfds": "bench_pictures", "folder": f"folder:{root}/folder"}[source]
         kw = {"data_dir": os.path.join(root, "tfds")} if source == "tfds" else {}
         images = pipeline.load_images(
             name, "train", **kw, process_index=0, process_count=1, image_size=SIZE, channels=3, in_memory=False
         )
-    batches = pipeline.train_batches(images, BATCH, seed=0, random_flip=True, num_local_devices=1, process_count=1)
+    batches = pipeline.train_batches(images, BATCH, seed=0, random_flip=flip, num_local_devices=1, process_count=1)
     for _ in range(20):  # warm-up: tracing, AUTOTUNE, the prefetch buffer
         next(batches)
     n, start = 0, time.perf_counter()
@@ -76,9 +91,9 @@ def _worker(source: str, cores: int, root: str, seconds: float) -> dict:
         batch = next(batches)
         n += 1
     elapsed = time.perf_counter() - start
-    assert batch.shape == (1, BATCH, SIZE, SIZE, 3)
+    assert batch.shape == (1, BATCH, *images.shape[1:])
     # Paced like the training loop on a device that takes DEVICE_IMAGES_PER_SEC: a step's compute (a sleep,
-    # which like JAX's async dispatch leaves the cores to tf.data), then next(); how long does next() wait?
+    # which like JAX's async dispatch leaves the cores to the pipeline), then next(); how long does next() wait?
     step_s, waits = BATCH / DEVICE_IMAGES_PER_SEC, []
     start = time.perf_counter()
     while time.perf_counter() - start < seconds / 2:
@@ -89,6 +104,8 @@ def _worker(source: str, cores: int, root: str, seconds: float) -> dict:
     return {
         "source": source,
         "cores": cores,
+        "random_flip": flip,
+        "image_shape": list(images.shape[1:]),
         "batches": n,
         "seconds": elapsed,
         "images_per_sec": n * BATCH / elapsed,
@@ -142,7 +159,8 @@ def main() -> None:
         print(f"| {source} | {' | '.join(cells)} |")
     print(f"(waits: share of each step that next() waits when the device takes {DEVICE_IMAGES_PER_SEC:,} img/s)")
     result = {
-        "what": "images/s from pipeline.train_batches: 32x32x3 uint8, random flips, batch 128, float32 out; "
+        "what": "images/s from pipeline.train_batches: 32x32x3 uint8 with random flips (digits: 8x8x1, no flips), "
+        "batch 128, float32 out; "
         f"paced_*: next()'s wait when each step also takes {BATCH}/{DEVICE_IMAGES_PER_SEC} s of (simulated) device time",
         "host": {
             "cpus": os.cpu_count(),

@@ -294,7 +294,9 @@ def main():
             f"{row['real_median_s']:>13.4f}{row['overhead']:>+10.1%}  {pairs}"
         )
         if "mfu_pct" in row:
-            print(f"    MFU {row['mfu_pct']:.1f}% (bare {row['bare_mfu_pct']:.1f}%), device peak {row['device_peak_mb']} MB")
+            print(
+                f"    MFU {row['mfu_pct']:.1f}% (bare {row['bare_mfu_pct']:.1f}%), device peak {row['device_peak_mb']} MB"
+            )
         for part, s in row["parts_s_per_step"].items():
             print(f"    host time in {part}: {s * 1e3:.2f} ms/step ({s / row['bare_median_s']:.1%} of a bare step)")
         for name, a in row.get("amortized", {}).items():

@@ -16,7 +16,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
 
     config.data = ml_collections.ConfigDict()
     # Any tfds image dataset ("digits" is the offline sklearn set) or "folder:/path/to/images" (PNG/JPEG);
-    # images are centre-cropped and resized to image_size (ddpm_jax/data_sources.py).
+    # images are centre-cropped and resized to image_size (ddpm_jax/data/images.py).
     config.data.dataset = "digits"
     config.data.data_dir = ml_collections.config_dict.placeholder(str)  # tfds data_dir; None = tfds default
     config.data.image_size = 8
@@ -65,6 +65,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     )
     config.training.checkpoint_every = 500
     config.training.keep_checkpoints = 3
+    # FID, IS and KID of fid_num_samples EMA samples (the default sampler) against the train split every fid_every
+    # steps and at the end; 0: off. Needs the FID Inception weights ($DDPM_JAX_INCEPTION_WEIGHTS; ddpm_jax.fid).
+    config.training.fid_every = 0
+    config.training.fid_num_samples = 10_000
     config.training.final_bpd = True  # the test bound in bits/dim at the end
     # 0: all T terms (T network calls per test image: ~4 min here); > 0: the unbiased stratified estimate
     # over t with this many strata (diffusion.bpd_estimate). The exact one: python -m ddpm_jax.evaluate.

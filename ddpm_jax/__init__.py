@@ -34,6 +34,7 @@ ALIASES = {
         )
     },
     "ode_eval": "ddpm_jax.evaluation.ode_eval",
+    "fid": "ddpm_jax.evaluation.fid",
 }
 
 

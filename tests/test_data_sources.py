@@ -1,6 +1,8 @@
-"""Tests for image folders, tfds datasets of other sizes and streamed splits (ddpm_jax.data.sources, data)."""
+"""Tests for image folders, tfds datasets of other sizes and streamed splits (ddpm_jax.data.sources, data), and
+decoding and fitting images (data.images) against TensorFlow's ops where TF is installed."""
 
 import hashlib
+import io
 import itertools
 import os
 
@@ -9,9 +11,15 @@ import pytest
 import tensorflow_datasets as tfds
 from PIL import Image
 
+from ddpm_jax.data import images as images_lib
 from ddpm_jax.data import pipeline, sources
 from ddpm_jax.errors import ConfigError, DataError
 from ddpm_jax.training import validation
+
+try:
+    import tensorflow as tf
+except ImportError:  # the default install: the independent float64 and PIL references still check
+    tf = None
 
 SIZE = 8
 SHAPES = [(21, 13), (13, 21), (30, 30), (6, 5), (8, 8), (17, 26), (9, 12), (26, 17)]  # (h, w), mixed
@@ -257,3 +265,97 @@ def test_read_ahead_thread_stops_when_the_stream_is_closed(folder):
     while len(readers()) > before and time.time() < deadline:
         time.sleep(0.05)
     assert len(readers()) == before
+
+
+# ----------------------------------------------------------------------------- decoding and fitting
+
+
+def _encoded(x: np.ndarray, mode: str, fmt: str, **kw) -> bytes:
+    im = Image.fromarray(x).quantize(37) if mode == "P" else Image.fromarray(x).convert(mode)
+    out = io.BytesIO()
+    im.save(out, format=fmt, **kw)
+    return out.getvalue()
+
+
+ENCODINGS = [  # (PIL mode, format, save options): grey, palette, alpha, bilevel; JPEG subsamplings, progressive
+    ("RGB", "PNG", {}),
+    ("L", "PNG", {}),
+    ("P", "PNG", {}),
+    ("RGBA", "PNG", {}),
+    ("LA", "PNG", {}),
+    ("1", "PNG", {}),
+    ("RGB", "JPEG", {"quality": 90}),
+    ("L", "JPEG", {"quality": 75}),
+    ("RGB", "JPEG", {"quality": 50, "subsampling": 2}),
+    ("RGB", "JPEG", {"quality": 95, "subsampling": 1, "progressive": True}),
+]
+
+
+def test_decode_is_tf_decode_and_pil_convert():
+    """Same pixels as the TF pipeline decoded (tf.io: decode_jpeg INTEGER_ACCURATE / decode_image, channels=3,
+    then the float32 luma), and as PIL's own convert("RGB")."""
+    rng = np.random.default_rng(0)
+    for trial in range(2):
+        h, w = rng.integers(9, 40, 2)
+        x = np.clip(_pixels(trial, h, w) + rng.normal(0, 12, (h, w, 3)), 0, 255).astype(np.uint8)
+        for mode, fmt, kw in ENCODINGS:
+            data = _encoded(x if mode != "RGBA" else np.dstack([x, x[..., :1]]), mode, fmt, **kw)
+            rgb, grey = images_lib.decode_image(data, 3), images_lib.decode_image(data, 1)
+            np.testing.assert_array_equal(rgb, np.asarray(Image.open(io.BytesIO(data)).convert("RGB")))
+            luma = rgb.astype(np.float64) @ [0.299, 0.587, 0.114]
+            assert grey.shape == (h, w, 1) and np.abs(grey[..., 0] - luma).max() <= 0.5 + 1e-4
+            if tf is not None:
+                t = tf.constant(data)
+                want = tf.cond(  # what sources.decode_image computed before TF left the pipeline
+                    tf.io.is_jpeg(t),
+                    lambda t=t: tf.io.decode_jpeg(t, channels=3, dct_method="INTEGER_ACCURATE"),
+                    lambda t=t: tf.io.decode_image(t, channels=3, expand_animations=False),
+                ).numpy()
+                want_grey = tf.tensordot(tf.cast(want, tf.float32), tf.constant([0.299, 0.587, 0.114]), [[2], [0]])
+                np.testing.assert_array_equal(rgb, want, err_msg=f"{mode} {fmt} {kw}")
+                np.testing.assert_array_equal(grey[..., 0], np.clip(np.round(want_grey.numpy()), 0, 255))
+    deep = rng.integers(0, 2**16, (9, 7), dtype=np.uint16)  # a 16-bit grey PNG: its high bytes, as tf.io's
+    out = io.BytesIO()
+    Image.fromarray(deep).save(out, format="PNG")
+    np.testing.assert_array_equal(images_lib.decode_image(out.getvalue(), 3), np.repeat((deep >> 8)[..., None], 3, -1))
+    if tf is not None:
+        want = tf.io.decode_image(out.getvalue(), channels=3, expand_animations=False).numpy()
+        np.testing.assert_array_equal(images_lib.decode_image(out.getvalue(), 3), want)
+
+
+def _resize_float64(image: np.ndarray, size: int) -> np.ndarray:
+    """Antialiased bilinear resize in float64, independently: output pixel x samples at s = (x + 0.5) h / size
+    with the triangle kernel widened to max(h / size, 1) (box-filter width when downsampling), normalised."""
+
+    def weights(n: int) -> np.ndarray:
+        scale = max(n / size, 1.0)
+        centre = (np.arange(size) + 0.5) * n / size
+        w = np.maximum(0.0, 1.0 - np.abs((np.arange(n)[None] + 0.5 - centre[:, None]) / scale))
+        return w / w.sum(axis=1, keepdims=True)
+
+    return np.einsum("yi,xj,ijc->yxc", weights(image.shape[0]), weights(image.shape[1]), image.astype(np.float64))
+
+
+@pytest.mark.parametrize("size", [8, 32])
+def test_fit_is_tf_resize(size):
+    """fit_image against TF's tf.image.resize(bilinear, antialias=True) + round (bit-exact: the same float32
+    operations in the same order) and against an independent float64 resize (within 0.5 + rounding)."""
+    rng = np.random.default_rng(size)
+    for h, w in [(21, 13), (13, 21), (30, 30), (6, 5), (64, 64), (218, 178), (100, 37), (size, size)]:
+        for c in (1, 3):
+            x = rng.integers(0, 256, (h, w, c), dtype=np.uint8) if c == 3 else _pixels(h + w, h, w)[..., :1]
+            fitted = images_lib.fit_image(x, size)
+            s = min(h, w)
+            top, left = (h - s) // 2, (w - s) // 2
+            square = x[top : top + s, left : left + s]
+            assert fitted.shape == (size, size, c) and fitted.dtype == np.uint8
+            if (h, w) == (size, size):
+                assert fitted is x  # unchanged
+                continue
+            reference = _resize_float64(square, size)
+            assert np.abs(images_lib.resize(square, size) - reference).max() < 1e-3
+            assert np.abs(fitted - reference).max() <= 0.5 + 1e-3
+            if tf is not None:
+                want = tf.image.resize(square[None], [size, size], method="bilinear", antialias=True)[0].numpy()
+                np.testing.assert_array_equal(images_lib.resize(square, size).view(np.uint32), want.view(np.uint32))
+                np.testing.assert_array_equal(fitted, np.clip(np.round(want), 0, 255).astype(np.uint8))

@@ -7,10 +7,9 @@ Google Cloud Storage's JSON API on 127.0.0.1 only. What talks to it is what a TP
   google-cloud-storage (STORAGE_EMULATOR_HOST);
 - every other file of the workdir (config.json, metrics.jsonl, PNGs, npz, results.json, the lock)
   goes through etils.epath, here its fsspec backend (gcsfs, STORAGE_EMULATOR_HOST).
-Not covered: epath's TensorFlow backend (the default where TF is installed) and TensorBoard's event
-files, which go through TensorFlow's own GCS client; it has no endpoint setting, so the event writer
-is redirected to a local folder here (the test checks it was asked for the gs:// path). Every proxy
-and metadata-server setting points at a closed local port, so nothing can leave the machine.
+TensorBoard's event files go through etils.epath too (metric_writer). Not covered: epath's TensorFlow
+backend (the default where TF is installed). Every proxy and metadata-server setting points at a
+closed local port, so nothing can leave the machine.
 """
 
 import contextlib
@@ -29,8 +28,9 @@ from etils import epath
 
 from ddpm_jax import fileio
 from ddpm_jax.evaluation import plots
-from ddpm_jax.training import loop, workdir_lock
+from ddpm_jax.training import loop, metric_writer, workdir_lock
 
+from helpers import tensorboard_reader
 from helpers.fault_utils import micro_config
 
 BUCKET = "ddpm-test"
@@ -126,6 +126,76 @@ def test_files_go_to_the_bucket_whole(gcs):
     assert _objects(where) == ["a.json", "grid.png", "s.npz"]  # one object each, no temporary left
 
 
+def test_metrics_grow_by_chunks_on_the_bucket(gcs, monkeypatch):
+    """On an object store each flush uploads new objects, each written once: 12 log steps flushed every
+    3 are 4 metric chunks and 4 event files (a rewrite of the whole file per step would be 12 uploads
+    of one object, of quadratic size). A resume inside a chunk rewrites that chunk and drops the later ones."""
+    from etils.epath import gpath
+
+    workdir = f"{gcs}/chunks"
+    uploads = []
+    opened = gpath._GPath.open
+    monkeypatch.setattr(
+        gpath._GPath, "open", lambda self, mode="r", **kw: uploads.append(mode) or opened(self, mode, **kw)
+    )
+    monkeypatch.setattr(metric_writer, "FLUSH_SECS", float("inf"))  # flushes only where the test asks
+    writer = metric_writer.MetricWriter(workdir)
+    writer.write_hparams(micro_config())
+    for step in range(1, 13):
+        writer.write(step, {"loss": 1.0 / step})
+        if step % 3 == 0:
+            writer.flush()
+    writes = [m for m in uploads if "w" in m or "a" in m]
+    files = _objects(workdir)
+    chunks = [f for f in files if f.startswith(f"{metric_writer.METRICS_CHUNKS}/")]
+    events = [f for f in files if f.startswith("tensorboard/")]
+    assert len(chunks) == 4 and len(events) == 4 and len(writes) == 8 and len(files) == 8
+    assert [r["step"] for r in metric_writer.read_metrics(workdir)] == list(range(1, 13))
+    sizes = [len(epath.Path(f"{workdir}/{c}").read_text().splitlines()) for c in chunks]
+    assert sizes == [3, 3, 3, 3]  # each record stored once
+
+    del writer  # released: nothing is pending
+    resumed = metric_writer.MetricWriter(workdir, resume_step=7)
+    assert [r["step"] for r in resumed.records()] == list(range(1, 8))
+    assert len([f for f in _objects(workdir) if f.startswith(f"{metric_writer.METRICS_CHUNKS}/")]) == 3
+    resumed.write(8, {"loss": 0.5})
+    assert [r["step"] for r in resumed.records()] == list(range(1, 9))  # the pending record too
+    del resumed  # released: its pending records are uploaded
+    assert [r["step"] for r in metric_writer.read_metrics(workdir)] == list(range(1, 9))
+
+    fresh = metric_writer.MetricWriter(workdir)  # a fresh start: no records, no earlier events
+    assert fresh.records() == []
+    assert not [f for f in _objects(workdir) if f.startswith("tensorboard/")]
+
+
+def test_folder_dataset_on_the_bucket(gcs, tmp_path):
+    """folder:gs://... lists, splits and reads its images through etils.epath: the same images, in the same
+    order, as a local copy of the folder, in memory and streamed (a train/ subfolder, one file deeper)."""
+    import io
+
+    from PIL import Image
+
+    from ddpm_jax.data import pipeline
+
+    rng = np.random.default_rng(0)
+    for i in range(7):
+        split, name = ("train", "test")[i % 4 == 3], f"{'deep/' if i % 3 == 0 else ''}p{i}.png"
+        png = io.BytesIO()
+        Image.fromarray(rng.integers(0, 256, (6 + i, 10, 3), dtype=np.uint8)).save(png, format="PNG")
+        for root in (f"{gcs}/pictures", str(tmp_path)):
+            path = epath.Path(root) / split / name
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_bytes(png.getvalue())
+    kw = {"image_size": 8, "channels": 3, "process_index": 0, "process_count": 1}
+    for split, n in (("train", 6), ("test", 1)):
+        local = pipeline.load_images(f"folder:{tmp_path}", split, **kw)
+        remote = pipeline.load_images(f"folder:{gcs}/pictures", split, **kw)
+        assert local.shape == (n, 8, 8, 3)
+        np.testing.assert_array_equal(remote, local)
+        streamed = pipeline.load_images(f"folder:{gcs}/pictures", split, in_memory=False, **kw)
+        np.testing.assert_array_equal(streamed[:], local)
+
+
 def _other_process(code: str) -> subprocess.CompletedProcess:
     """Runs code in another Python process with this test's environment (and gcsfs's anonymous token)."""
     env = {**os.environ, "FSSPEC_GCS_TOKEN": "anon"}
@@ -150,17 +220,10 @@ def test_lock_on_the_bucket(gcs):
 
 
 @pytest.mark.slow
-def test_train_resume_load_and_sample_on_the_bucket(gcs, data_dir, steps_for, tmp_path, monkeypatch):
-    import tensorflow as tf
-
+def test_train_resume_load_and_sample_on_the_bucket(gcs, data_dir, steps_for, tmp_path):
     from ddpm_jax import load_run
     from ddpm_jax.evaluation import sample_lib
 
-    asked = []
-    local_writer = tf.summary.create_file_writer
-    monkeypatch.setattr(
-        tf.summary, "create_file_writer", lambda logdir: asked.append(logdir) or local_writer(str(tmp_path / "tb"))
-    )
     config = micro_config(data_dir, **{"training.checkpoint_every": 4, "training.log_every": 2})
     steps = steps_for(config)
     workdir = f"{gcs}/run"
@@ -170,15 +233,25 @@ def test_train_resume_load_and_sample_on_the_bucket(gcs, data_dir, steps_for, tm
     resumed = loop.train_and_evaluate(config, workdir, steps=steps)
     straight = loop.train_and_evaluate(config, str(tmp_path / "local"), steps=steps)
     assert resumed["params_sha256"] == straight["params_sha256"]  # the resume through the bucket is exact
-    assert asked[:2] == [f"{workdir}/tensorboard"] * 2  # the gs:// run's two starts
 
     files = _objects(workdir)
-    for name in ("config.json", "metrics.jsonl", "results.json", "samples.npz", "samples.png", "loss.png"):
+    for name in ("config.json", "results.json", "samples.npz", "samples.png", "loss.png"):
         assert name in files
     assert not any(f.startswith(".") or f.endswith(".tmp") for f in files)
     assert json.loads(epath.Path(f"{workdir}/results.json").read_text())["step"] == config.training.num_train_steps
-    steps_logged = [r["step"] for r in fileio.read_jsonl(f"{workdir}/metrics.jsonl") if "loss" in r]
-    assert steps_logged == list(range(2, config.training.num_train_steps + 1, 2))  # one clean run after the resume
+    logged = list(range(2, config.training.num_train_steps + 1, 2))
+    assert [r["step"] for r in metric_writer.read_metrics(workdir) if "loss" in r] == logged  # one clean run
+    assert "metrics.jsonl" not in files and any(f.startswith("metrics.jsonl.d/") for f in files)  # chunks, no rewrites
+    # TensorBoard, from a copy of the bucket's events: each step once (the resume's restart mark hides
+    # the first attempt's later steps), and the hparams session of the first start.
+    events = [f for f in files if f.startswith("tensorboard/events.out.tfevents.")]
+    assert len(events) >= 2
+    (tmp_path / "tb").mkdir()
+    for name in events:
+        (tmp_path / "tb" / posixpath.basename(name)).write_bytes(epath.Path(f"{workdir}/{name}").read_bytes())
+    acc = tensorboard_reader.accumulate(str(tmp_path / "tb"))
+    assert [e.step for e in acc.Tensors("loss")] == logged
+    assert len(acc.Tensors(tensorboard_reader.SESSION_TAG)) == 1
 
     run = load_run(workdir)
     assert run.step == config.training.num_train_steps

@@ -1,15 +1,17 @@
 """TensorBoard: sample grids as images, the config as one hparams session, scalars; read back with
-TensorBoard's own event reader."""
+TensorBoard's own event reader (the one its server uses), on its TensorFlow stub: nothing here needs
+TensorFlow."""
 
+import glob
 import io
 import json
 import os
+import subprocess
+import sys
 
 import numpy as np
 import pytest
 from PIL import Image
-from tensorboard.backend.event_processing import event_accumulator
-from tensorboard.plugins.hparams import metadata as hparams_metadata
 from tensorboard.util import tensor_util
 
 from ddpm_jax.configs import ddpm as ddpm_config
@@ -18,16 +20,13 @@ from ddpm_jax.training import distributed, loop
 from ddpm_jax.training.metric_writer import MetricWriter, hparams
 
 from helpers import fault_utils as fu
+from helpers import tensorboard_reader
 
-SESSION_TAG = hparams_metadata.SESSION_START_INFO_TAG
+SESSION_TAG = tensorboard_reader.SESSION_TAG
 
 
 def _events(workdir):
-    acc = event_accumulator.EventAccumulator(
-        os.path.join(workdir, "tensorboard"), size_guidance={event_accumulator.TENSORS: 0}
-    )
-    acc.Reload()
-    return acc
+    return tensorboard_reader.accumulate(os.path.join(workdir, "tensorboard"))
 
 
 def _images(acc, tag) -> dict:
@@ -46,6 +45,8 @@ def _images(acc, tag) -> dict:
 def _session(acc) -> dict:
     """The hparams session's values, checked to be the only session in the run."""
     assert len(acc.Tensors(SESSION_TAG)) == 1
+    from tensorboard.plugins.hparams import metadata as hparams_metadata
+
     info = hparams_metadata.parse_session_start_info_plugin_data(acc.SummaryMetadata(SESSION_TAG).plugin_data.content)
     return {k: getattr(v, v.WhichOneof("kind")) for k, v in info.hparams.items()}
 
@@ -111,6 +112,58 @@ def test_writer_round_trip_resume_and_fresh_start(tmp_path):
     acc = _events(workdir)
     assert writer.records() == [] and "samples/ema" not in acc.Tags()["tensors"]
     assert _session(acc)["training.num_train_steps"] == 99
+
+
+def test_resume_mark_shows_each_step_once(tmp_path):
+    """A resume from step 2 rewrites steps 3-4: TensorBoard shows the second attempt's values there, once."""
+    workdir = str(tmp_path)
+    writer = MetricWriter(workdir)
+    for step in (1, 2, 3, 4):
+        writer.write(step, {"loss": float(step)})
+    writer = MetricWriter(workdir, resume_step=2)
+    for step in (3, 4, 5):
+        writer.write(step, {"loss": 10.0 * step})
+    loss = {e.step: float(tensor_util.make_ndarray(e.tensor_proto)) for e in _events(workdir).Tensors("loss")}
+    assert loss == {1: 1.0, 2: 2.0, 3: 30.0, 4: 40.0, 5: 50.0}
+    assert len(_events(workdir).Tensors("loss")) == 5
+    assert [r["loss"] for r in writer.records()] == [1.0, 2.0, 30.0, 40.0, 50.0]
+
+
+def test_event_files_are_valid_records(tmp_path):
+    """One file per start, each opening with the file version and a start mark, every record's checksums verified by
+    TensorBoard's own (independent) CRC-32C; the image record holds the PNG of the pixels."""
+    workdir = str(tmp_path)
+    grid = np.random.default_rng(1).integers(0, 256, (5, 7, 3), dtype=np.uint8)
+    MetricWriter(workdir).write_images(3, {"g": grid})
+    MetricWriter(workdir, resume_step=3).write(4, {"loss": 0.5})
+    files = sorted(glob.glob(os.path.join(workdir, "tensorboard", "events.out.tfevents.*")))
+    assert len(files) == 2
+    first, second = (tensorboard_reader.records(f) for f in files)
+    assert first[0].file_version == second[0].file_version == "brain.Event:2"
+    start = first[1].session_log.START
+    assert [(e.session_log.status, e.step) for e in (first[1], second[1])] == [(start, 1), (start, 4)]
+    (image,) = first[2].summary.value
+    assert (first[2].step, image.tag, image.image.height, image.image.width) == (3, "g", 5, 7)
+    np.testing.assert_array_equal(np.asarray(Image.open(io.BytesIO(image.image.encoded_image_string))), grid)
+    assert (second[2].step, second[2].summary.value[0].simple_value) == (4, 0.5)
+    assert len(first) == 3 and len(second) == 3
+
+
+def test_writer_loads_no_tensorflow_tensorboard_or_torch(tmp_path):
+    """tensorboardX alone (it would import torch, installed here for the bench extra)."""
+    code = f"""
+import sys, numpy as np
+from ddpm_jax.configs import ddpm
+from ddpm_jax.training.metric_writer import MetricWriter
+w = MetricWriter({str(tmp_path)!r})
+w.write_hparams(ddpm.get_config("runlocal"))
+w.write(1, {{"loss": 1.0}})
+w.write_images(1, {{"g": np.zeros((4, 4, 1), np.uint8)}})
+print(sorted({{m.split(".")[0] for m in sys.modules}} & {{"tensorflow", "tensorboard", "tensorboardX", "torch"}}))
+"""
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.split("\n")[-2] == "['tensorboardX']"
 
 
 def test_grid_of_runs_in_the_hparams_tab(tmp_path):

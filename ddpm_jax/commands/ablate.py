@@ -57,7 +57,7 @@ CELL_FILE = "cell.json"
 SEED_MARK = "@seed"  # <cell>@seed<k>: seed k >= 1 of a cell ("@" is refused in cell names)
 SPLIT = "test"  # every number of the tables: the bound, the curves and the Frechet distance's reference
 # The metrics compared with the reference cell -> lower is better.
-COMPARED = {"total_bpd": True, "fd": True, "classifier_score": False}
+COMPARED = {"total_bpd": True, "fd": True, "classifier_score": False, "fid": True}
 # The per-run numbers averaged over seeds (mean, and for these the standard error: COMPARED).
 AVERAGED = (
     "total_bpd",
@@ -69,9 +69,16 @@ AVERAGED = (
     "fd",
     "fd_floor",
     "classifier_score",
+    "fid",  # with the FID Inception weights only (ddpm_jax.fid), against the test split
+    "inception_score",
+    "kid",
     "final_train_loss",
     "train_time_s",
 )
+
+
+# evaluate_workdir's numbers a run's row keeps (fid, inception_score and kid with the FID Inception weights only).
+SCORES = ("fd", "fd_floor", "classifier_score", "classifier_score_test", "sampler", "fid", "inception_score", "kid")
 
 
 def _compared(metric: str) -> tuple[str, ...]:
@@ -95,6 +102,11 @@ COLUMNS = (  # results.csv: one row per cell
     "classifier_score",
     "classifier_score_se",
     *_compared("classifier_score"),
+    "fid",
+    "fid_se",
+    *_compared("fid"),
+    "inception_score",
+    "kid",
     "final_train_loss",
     "steps",
     "train_time_s",
@@ -183,14 +195,16 @@ def run_cell(
     num_samples: int = 500,
     sampler: str = "respaced",
     num_steps: int = 100,
+    inception_weights: str | None = None,
 ) -> dict | None:
     """Trains and scores seed `seed_index` of one cell in <cells_dir>/<run_name> (or reads its finished
-    row); None when pre-empted. Its samples for the Frechet distance are drawn with key seed_index.
+    row); None when pre-empted. Its samples for the Frechet distance are drawn with key seed_index;
+    with inception_weights (a file) also FID, IS and KID of num_samples samples against the test split.
 
     A run folder belongs to one config: the same name with another config is an error, not a reuse.
     """
     from ddpm_jax.commands import evaluate
-    from ddpm_jax.training import checkpoint, loop
+    from ddpm_jax.training import checkpoint, loop, metric_writer
 
     config = cell_config(grid, name, extra, seed_index)
     digest = configuration.digest(config)
@@ -219,10 +233,16 @@ def run_cell(
         "config_digest": digest,
     }
     row.update({k: v for k, v in results.items() if k.endswith("_bpd") or k in ("total_bpd_se", "num_examples")})
-    records = [r for r in fileio.read_jsonl(fileio.as_path(workdir) / "metrics.jsonl") if "loss" in r]
+    records = [r for r in metric_writer.read_metrics(workdir) if "loss" in r]
     if records:
         row["final_train_loss"] = records[-1]["loss"]
     if quality:
+        fid_args = {}
+        if inception_weights is not None:  # FID, IS and KID against the test split, with the fd's sampler
+            from ddpm_jax.evaluation.fid import split_reference
+
+            reference = split_reference(config, config.data.eval_split)
+            fid_args = dict(fid=True, fid_reference=reference, inception_weights=inception_weights, fid_sampler=sampler)
         scored = evaluate.evaluate_workdir(
             workdir,
             bpd=False,
@@ -231,14 +251,9 @@ def run_cell(
             sampler=sampler,
             num_steps=num_steps,
             seed=seed_index,
+            **fid_args,
         )
-        row.update(
-            {
-                k: scored[k]
-                for k in ("fd", "fd_floor", "classifier_score", "classifier_score_test", "sampler")
-                if k in scored
-            }
-        )
+        row.update({k: scored[k] for k in SCORES if k in scored})
     fileio.atomic_write_json(done, row)
     return row
 
@@ -392,6 +407,11 @@ MD_COLUMNS = (  # results.md: (header, the cell's text); a column shows where so
     ("classifier_score", lambda r: _mean_se(r, "classifier_score")),
     ("Δ classifier_score [95%]", lambda r: _difference(r, "classifier_score")),
     ("cs verdict", lambda r: _verdict(r, "classifier_score")),
+    ("FID", lambda r: _mean_se(r, "fid")),
+    ("Δ FID [95%]", lambda r: _difference(r, "fid")),
+    ("FID verdict", lambda r: _verdict(r, "fid")),
+    ("IS", lambda r: _fmt(r.get("inception_score"))),
+    ("KID", lambda r: _fmt(r.get("kid"))),
     *((k, (lambda r, k=k: _fmt(r.get(k)))) for k in ("final_train_loss", "steps", "train_time_s", "overrides")),
 )
 
@@ -413,7 +433,9 @@ def table_notes(grid_name: str, reference: str, rows: list[dict]) -> str:
         "differences (N-1 df) for fd and the classifier score; with 1 seed the bound's interval is over "
         "test images only and ignores seed noise, marked (1 seed) (ddpm_jax/evaluation/paired.py). "
         "Verdict: better / worse when the interval excludes 0 (lower is better for bits/dim and fd, higher "
-        "for the classifier score), else within noise. Per run: results_by_seed.csv.\n\n"
+        "for the classifier score), else within noise. fd is the digits classifier's Fréchet distance, not FID; "
+        "FID, IS and KID (Inception-V3, torch-fidelity's definitions) appear where the FID Inception weights "
+        "were found. Per run: results_by_seed.csv.\n\n"
     )
 
 
@@ -457,12 +479,14 @@ def plot_vs_step(
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    from ddpm_jax.training import metric_writer
+
     fig, ax = plt.subplots(figsize=(7, 4.5))
     plotted = False
     for name, folders in runs.items():
         curves, finals = [], []
         for folder in folders:
-            records = fileio.read_jsonl(fileio.as_path(cells_dir) / folder / "metrics.jsonl")
+            records = metric_writer.read_metrics(fileio.as_path(cells_dir) / folder)
             curve = {r["step"]: r[key] for r in records if _finite(r.get(key))}
             if curve:
                 curves.append(curve)
@@ -551,6 +575,16 @@ def run_grid(
     from ddpm_jax.training.validation import validate_config
 
     grid = load_grid(grid_path)
+    if cell_kwargs.get("quality", True) and "inception_weights" not in cell_kwargs:
+        from ddpm_jax.evaluation import fid
+
+        cell_kwargs["inception_weights"] = fid.find_inception_weights()  # never downloads
+        if cell_kwargs["inception_weights"] is None:
+            print(
+                "No FID Inception weights found ($DDPM_JAX_INCEPTION_WEIGHTS or the cache): the table has no FID "
+                "column (ddpm_jax.fid says how to get them).",
+                flush=True,
+            )
     num_seeds = grid.get("seeds", 1) if seeds is None else seeds
     if num_seeds < 1:
         raise ConfigError(f"--seeds={num_seeds}: train at least 1 seed per cell.")
@@ -684,17 +718,20 @@ def cli_main() -> None:
     _TRAIN = flags.DEFINE_bool(
         "train", True, "--notrain: train nothing; write the tables and plots of the runs that have finished."
     )
-    _QUALITY = flags.DEFINE_bool("quality", True, "Score sample quality (Fréchet distance) for every cell.")
-    _NUM = flags.DEFINE_integer("num_samples", 500, "Samples per cell for the Fréchet distance.", lower_bound=2)
+    _QUALITY = flags.DEFINE_bool(
+        "quality",
+        True,
+        "Score sample quality for every cell (the digits-classifier Fréchet distance; FID where its weights are).",
+    )
+    _NUM = flags.DEFINE_integer(
+        "num_samples", 500, "Samples per cell for the digits-classifier distance (and FID).", lower_bound=2
+    )
 
     def main(argv):
         if not _GRID.value:
             raise ConfigError(
                 f"--grid is required, e.g. --grid=schedules; the grids: {', '.join(configuration.names('ablations'))}."
             )
-        from ddpm_jax.data import pipeline
-
-        pipeline.hide_gpus_from_tf()  # tf.data stays on the CPU, the accelerators' memory to JAX
         run_grid(
             _GRID.value,
             _OUT.value,

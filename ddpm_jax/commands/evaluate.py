@@ -2,12 +2,15 @@
 
     python -m ddpm_jax.evaluate --workdir=runs/default [--params=ema|raw] [--num_samples=500]
         [--sampler=respaced --steps=100] [--nobpd] [--noquality] [--ode_images=297 --ode_steps=64]
+        [--fid [--fid_reference=cifar10:train|folder:PATH|stats.npz] [--inception_weights=PATH]]
 
 Writes <workdir>/eval/<params>.json (and the per-t plot bpd_terms_<params>.png, the grid of the
-samples scored, samples_<params>.png) and prints the numbers. Sample quality (a Fréchet distance
-in a digits classifier's feature space, its classifier score, and the train-vs-test floor) is
-built in for the digits; for another dataset pass your own features to
-`ddpm_jax.core.quality.frechet_distance_from_features`.
+samples scored, samples_<params>.png) and prints the numbers. Sample quality for the digits is the
+digits-classifier Fréchet distance ("fd": a small classifier's feature space, not FID), its
+classifier score, and the train-vs-test floor. --fid scores num_samples samples drawn with the run's
+default sampler (or --sampler where given) by FID, Inception Score and KID against the reference's
+statistics (default: the run's train split; ddpm_jax.evaluation.fid), and also writes them to
+<workdir>/results.json and to the run's metrics (TensorBoard).
 """
 
 from __future__ import annotations
@@ -41,11 +44,19 @@ def evaluate_workdir(
     strata: int = 0,
     ode_images: int = 0,
     ode_steps: int = 64,
+    fid: bool = False,
+    fid_reference=None,
+    inception_weights: str | None = None,
+    fid_sampler: str | None = None,
 ) -> dict:
     """Scores the latest checkpoint of workdir; returns (and writes) a flat dict of numbers.
 
     The bound is the method's most exact one (strata=0: all T terms of a discrete chain) or its
     estimate with `strata` strata. A sampler the method lacks falls back to its default one.
+    fid: FID, IS and KID of num_samples samples drawn with fid_sampler (None: the method's default
+    sampler, its full chain; a name: that sampler with num_steps and eta) against fid_reference
+    (a spec, fid_reference.parse_spec, or a Spec; None: the run's train split), with the Inception weights file
+    inception_weights (None: inception_weights.resolve_inception_weights).
     """
     run = load_run(workdir, which=params)
     config, method = run.config, run.method
@@ -58,6 +69,18 @@ def evaluate_workdir(
     if sampler != "ancestral" and num_steps is not None:
         num_steps = min(num_steps, getattr(method, "num_timesteps", num_steps))
     method.check_sampler(sampler, num_steps, eta)
+    fid_eval = None
+    if fid:  # its arguments checked before anything is compiled
+        from ddpm_jax.evaluation import fid as fid_lib
+
+        fid_eval = fid_lib.FidEvaluator(
+            config, num_samples, fid_reference, inception_weights, show_progress=distributed.is_main_process()
+        )
+        if fid_sampler not in method.samplers:  # not given, or one the method lacks: its default, full chain
+            fid_sampler = None
+        fid_steps = (num_steps, eta) if fid_sampler else (None, 0.0)
+        fid_sampler = fid_sampler or method.default_sampler()
+        method.check_sampler(fid_sampler, *fid_steps)
     steps = train_lib.compile_steps(method, config, bpd_strata=strata)
     weights = distributed.replicate(run.params)
     out_dir = fileio.as_path(workdir) / "eval"
@@ -66,7 +89,7 @@ def evaluate_workdir(
     rng = jax.random.PRNGKey(seed)
     start = time.time()
     test_images = None
-    if bpd or ode_images:  # the input pipeline (and TensorFlow) only when a split is read
+    if bpd or ode_images:  # the input pipeline only when a split is read
         from ddpm_jax.data import splits
 
         test_images = splits.load_split(config, config.data.eval_split)
@@ -96,7 +119,7 @@ def evaluate_workdir(
             steps.p_sample,
             weights,
             jax.random.fold_in(rng, 1),
-            num_samples,
+            num_samples if config.data.dataset == "digits" else min(num_samples, 100),  # elsewhere: the grid only
             sampler=sampler,
             num_steps=num_steps,
             eta=eta,
@@ -105,12 +128,36 @@ def evaluate_workdir(
         result["sampler"] = method.sampler_label(sampler, num_steps)
         result.update(sample_quality(config, samples, seed))
         result["quality_time_s"] = time.time() - start
+    if fid_eval is not None:
+        numbers = fid_eval(steps.p_sample, weights, jax.random.fold_in(rng, 3), fid_sampler, *fid_steps)
+        numbers["fid_sampler"] = method.sampler_label(fid_sampler, fid_steps[0])
+        result.update(numbers)
+        if distributed.is_main_process():
+            write_fid_to_run(workdir, run.step, params, numbers)
     fileio.atomic_write_json(out_dir / f"{params}.json", result)
     return result
 
 
+def write_fid_to_run(workdir: str, step: int, params: str, numbers: dict) -> None:
+    """FID, IS and KID into <workdir>/results.json (merged) and the run's metrics (metrics.jsonl and
+    TensorBoard) at the checkpoint's step; the raw params' numbers with a _raw suffix."""
+    from ddpm_jax.evaluation.fid import FID_SCALARS
+    from ddpm_jax.training.metric_writer import MetricWriter, read_metrics
+
+    suffix = "" if params == "ema" else f"_{params}"
+    path = fileio.as_path(workdir) / "results.json"
+    results = json.loads(path.read_text()) if path.exists() else {}
+    results.update({f"{k}{suffix}": v for k, v in numbers.items() if not k.endswith("_time_s")})
+    fileio.atomic_write_json(path, results)
+    last = max([int(r.get("step", 0)) for r in read_metrics(workdir)] + [step, 1])  # no record is trimmed
+    writer = MetricWriter(workdir, resume_step=last)
+    writer.write(step, {f"{k}{suffix}": numbers[k] for k in FID_SCALARS if k in numbers})
+    writer.flush()
+
+
 def sample_quality(config, samples, seed: int = 0) -> dict:
-    """Fréchet distance, its train-vs-test floor and the classifier score (digits only)."""
+    """The digits-classifier Fréchet distance (fd, not FID), its train-vs-test floor and the classifier
+    score (digits only)."""
     if config.data.dataset != "digits":
         return {}
     from ddpm_jax.evaluation import digits_classifier
@@ -123,8 +170,15 @@ def cli_main() -> None:
     _WORKDIR = flags.DEFINE_string("workdir", "runs/default", "A workdir that train.py wrote.")
     _PARAMS = flags.DEFINE_enum("params", "ema", list(WHICH), "Score the EMA or the raw parameters.")
     _BPD = flags.DEFINE_bool("bpd", True, "Compute the test-split bound (all T terms).")
-    _QUALITY = flags.DEFINE_bool("quality", True, "Draw samples and compute the Fréchet distance (digits).")
-    _NUM = flags.DEFINE_integer("num_samples", 500, "Samples for the Fréchet distance.", lower_bound=2)
+    _QUALITY = flags.DEFINE_bool(
+        "quality", True, "Draw samples and compute the digits-classifier Fréchet distance (digits only; not FID)."
+    )
+    _NUM = flags.DEFINE_integer(
+        "num_samples",
+        500,
+        "Samples for the digits-classifier distance and for --fid (the paper: 50000).",
+        lower_bound=2,
+    )
     _SAMPLER = flags.DEFINE_enum(
         "sampler",
         "respaced",
@@ -145,14 +199,24 @@ def cli_main() -> None:
         lower_bound=0,
     )
     _ODE_STEPS = flags.DEFINE_integer("ode_steps", 64, "RK4 steps of the ODE NLL.", lower_bound=1)
+    _FID = flags.DEFINE_bool(
+        "fid", False, "FID, Inception Score and KID of --num_samples samples (default sampler unless --sampler)."
+    )
+    _FID_REF = flags.DEFINE_string(
+        "fid_reference",
+        None,
+        "FID reference: DATASET:SPLIT (e.g. cifar10:train), folder:PATH or a .npz with mu and sigma; "
+        "default the run's train split (statistics cached).",
+    )
+    _INCEPTION = flags.DEFINE_string(
+        "inception_weights",
+        None,
+        "The FID Inception weights (.pth); default $DDPM_JAX_INCEPTION_WEIGHTS, a cached copy, or a download.",
+    )
 
     def main(argv):
         if not fileio.as_path(_WORKDIR.value).is_dir():
             raise ConfigError(f"--workdir={_WORKDIR.value}: no such folder; pass a workdir that train.py wrote.")
-        if _BPD.value or _ODE.value:  # reading the test split starts TensorFlow: keep it off the GPUs
-            from ddpm_jax.data import pipeline
-
-            pipeline.hide_gpus_from_tf()
         result = evaluate_workdir(
             _WORKDIR.value,
             params=_PARAMS.value,
@@ -166,6 +230,10 @@ def cli_main() -> None:
             strata=_STRATA.value,
             ode_images=_ODE.value,
             ode_steps=_ODE_STEPS.value,
+            fid=_FID.value,
+            fid_reference=_FID_REF.value,
+            inception_weights=_INCEPTION.value,
+            fid_sampler=_SAMPLER.value if flags.FLAGS["sampler"].present else None,
         )
         print(json.dumps(result, indent=2))
 

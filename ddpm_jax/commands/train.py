@@ -14,6 +14,7 @@ from __future__ import annotations
 import os
 import shlex
 import sys
+import threading
 
 from absl import flags
 
@@ -50,23 +51,35 @@ def define_flags():
         multi = distributed.initialize(coordinator.value, num_processes.value, process_id.value, auto=auto.value)
         import jax
 
-        from ddpm_jax.data import pipeline
         from ddpm_jax.training import loop, progress
 
-        pipeline.hide_gpus_from_tf()
         if not progress.is_terminal():  # a file: tfds's dataset-preparation bars would write \r frames
             import tensorflow_datasets as tfds
 
             tfds.disable_progress_bar()
         process = jax.process_index() if multi else 0  # (single process: no backend started here)
         logs.to_workdir(workdir, process)  # the libraries' log lines, to <workdir>/log.txt once it exists
+        # Another process of the job that dies: one line and a prompt exit (_exit_for_lost_peer), whether a
+        # collective with it fails here (peer_lost), hangs (the watch notices that its beats stopped), or
+        # the coordination service reports it (distributed's handler of the service's errors).
+        distributed.lost_peer_handler = lambda who: _exit_for_lost_peer(workdir, who)
+        watch = distributed.PeerWatch() if multi else None
+        finished = False
         try:
             results = loop.train_and_evaluate(config_flag.value, workdir)
+            finished = True
         except KeyboardInterrupt:
             sys.exit(
                 f"error: interrupted twice; stopped without saving. The last complete checkpoint in "
                 f"{workdir} is kept: run the same command again to resume from it."
             )
+        except Exception as e:  # noqa: BLE001 - a collective that lost a peer, or anything else (raised again)
+            if distributed.peer_lost(e):
+                _exit_for_lost_peer(workdir, distributed.lost_peer_name())
+            raise
+        finally:
+            if watch is not None:
+                watch.stop(clean=finished)
         if "stopped_at" in results:
             if distributed.is_main_process():
                 print(f"To resume: {shlex.join([sys.executable] + sys.argv)}")
@@ -75,6 +88,28 @@ def define_flags():
             print(f"{key}: {value}")
 
     return main
+
+
+_exiting = threading.Lock()
+
+
+def _exit_for_lost_peer(workdir: str, who: str) -> None:
+    """One line for a run whose peer process `who` died, then an immediate exit (status 1): the normal
+    exit would wait at jax.distributed's shutdown barrier for the dead process until the coordination
+    service's heartbeat timeout (100 s) and then abort with a C++ stack dump. Called from the main
+    thread or the PeerWatch's; the second caller waits for the first one's exit."""
+    if not _exiting.acquire(blocking=False):
+        threading.Event().wait()
+    from ddpm_jax.training import checkpoint
+
+    steps = checkpoint.complete_steps(workdir)
+    where = checkpoint.checkpoint_dir(workdir)
+    kept = f"the last complete checkpoint is step {steps[-1]} in {where}" if steps else f"no checkpoint in {where} yet"
+    print(f"error: {who} of this job stopped; {kept}: restart the whole job to resume.", file=sys.stderr)
+    logs.stop()  # <workdir>/log.txt closed (a remote one copied)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(1)
 
 
 def cli_main() -> None:

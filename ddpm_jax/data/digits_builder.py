@@ -1,15 +1,19 @@
-"""The offline 8x8 digits as a tfds dataset, so the one tfds/tf.data path serves every dataset.
+"""The offline 8x8 digits as a tfds dataset, so the one tfds path serves every dataset.
 
 scikit-learn ships the UCI optical-recognition digits (`sklearn.datasets.load_digits`): 1,797
 images of 8x8 pixels with 17 grey levels 0..16. `Digits` wraps them as the tfds dataset
 "digits" (registered when this module is imported): nothing is downloaded, so it prepares
-itself on any machine.
+itself on any machine, without TensorFlow: it is stored as ArrayRecord (version 1.1.0; 1.0.0 was
+tfrecord, which only TensorFlow reads) and its images are handed to tfds PNG-encoded by PIL
+(tfds encodes NumPy images with tf.image.encode_png). PNG is lossless: the pixels are those of 1.0.0.
 
 Split (fixed, the same on every machine and version):
   `np.random.RandomState(0).permutation(1797)` (the legacy generator, whose stream NumPy keeps
   frozen); its first 297 entries are the test split, the other 1,500 the train split. Each
   split is stored in increasing sklearn index order (`digits_split_indices`), unshuffled.
 """
+
+import io
 
 import numpy as np
 import tensorflow_datasets as tfds
@@ -54,12 +58,18 @@ class Digits(tfds.core.GeneratorBasedBuilder):
     """
 
     name = "digits"
-    VERSION = tfds.core.Version("1.0.0")
-    RELEASE_NOTES = {"1.0.0": "sklearn load_digits, uint8 round(v*255/16), 1500/297 split."}
+    VERSION = tfds.core.Version("1.1.0")
+    RELEASE_NOTES = {
+        "1.0.0": "sklearn load_digits, uint8 round(v*255/16), 1500/297 split.",
+        "1.1.0": "The same images, stored as ArrayRecord (readable and prepared without TensorFlow).",
+    }
     # tfds 4.9.10 derives `code_path` with `importlib_resources`, which it declares only for
     # Python < 3.9, so preparing fails with ModuleNotFoundError where that package is absent.
     # This file is the code path; it only serves to find a (non-existent) checksums file.
     code_path = epath.Path(__file__)
+
+    def __init__(self, *, file_format=None, **kwargs):
+        super().__init__(file_format=file_format or "array_record", **kwargs)
 
     def _info(self) -> tfds.core.DatasetInfo:
         return self.dataset_info_from_configs(
@@ -81,5 +91,9 @@ class Digits(tfds.core.GeneratorBasedBuilder):
         return {split: self._generate_examples(images, labels, idx) for split, idx in digits_split_indices().items()}
 
     def _generate_examples(self, images, labels, indices):
+        from PIL import Image
+
         for i in indices:
-            yield int(i), {"image": images[i], "label": int(labels[i])}
+            png = io.BytesIO()
+            Image.fromarray(images[i, :, :, 0]).save(png, format="PNG")
+            yield int(i), {"image": png.getvalue(), "label": int(labels[i])}

@@ -1,11 +1,12 @@
-"""Input pipeline: tfds datasets and image folders, in memory or streamed; a resumable tf.data training
-stream; eval batches.
+"""Input pipeline: tfds datasets and image folders, in memory or streamed; a resumable NumPy training
+stream; eval batches. No TensorFlow: tfds datasets are read from ArrayRecord by index, images decoded with PIL.
 
 A dataset is a tfds name (mnist, cifar10, celeb_a, ...: prepared in data_dir or downloadable), "digits"
 (scikit-learn's 8x8 digits wrapped as a local tfds builder, `ddpm_jax.data.digits_builder`, registered by
-importing this module; it needs no network), or "folder:/path/to/images", a folder of PNG/JPEG files
-(`ddpm_jax.data.sources` says how its splits are chosen). Images of another size are centre-cropped and
-resized to image_size x image_size (`sources.fit_image`); images of the right size pass unchanged.
+importing this module; it needs no network), or "folder:/path/to/images", a folder of PNG/JPEG files, local
+or any etils.epath URI such as gs:// (`ddpm_jax.data.sources` says how its splits are chosen). Images of
+another size are centre-cropped and resized to image_size x image_size (`images.fit_image`); images of the
+right size pass unchanged.
 
   images = load_images(config.data.dataset, config.data.train_split, config.data.data_dir,
                        image_size=config.data.image_size, channels=config.data.channels,
@@ -15,20 +16,21 @@ resized to image_size x image_size (`sources.fit_image`); images of the right si
 
 In memory (the default), a split is read, fitted and held as uint8 [N, H, W, C] (50,000 CIFAR-10 images:
 150 MB). With in_memory=False, load_images returns a `sources.StreamedSplit` that reads each batch's
-images from disk by index: tfds datasets prepared as ArrayRecord (`tfds build NAME
---file_format=array_record`) and folders. Either way the training order is a pure function of
-(seed, step), the same for both (so streaming gives the same batches as in memory), and a restored run
-continues with exactly the batches an uninterrupted run would have seen (see `train_batches`). Each
-process reads only its own shard (tfds.even_splits; contiguous runs of a folder's sorted files).
-tf.data builds the batches on the host's cores; a background thread keeps READ_AHEAD of them ready, so
-the training loop's next() does not wait (bench/input_pipeline.py measures both).
+images from disk by index: tfds datasets prepared as ArrayRecord and folders. Either way the training
+order is a pure function of (seed, step), the same for both (so streaming gives the same batches as in
+memory), and a restored run continues with exactly the batches an uninterrupted run would have seen (see
+`train_batches`; the order and the flips are `ddpm_jax.data.order`, bit-identical to the tf.data pipeline
+this replaced). Each process reads only its own shard (tfds.even_splits; contiguous runs of a folder's
+sorted files). A background thread keeps READ_AHEAD batches ready, so the training loop's next() does not
+wait (bench/input_pipeline.py measures it).
 
-TF and GPUs: the entry point (train.py) should call `hide_gpus_from_tf()` (that is
-`tf.config.set_visible_devices([], 'GPU')`) before anything else touches TF, so that tf.data
-stays on the CPU and leaves the accelerators' memory to JAX.
+TensorFlow is an extra (`pip install 'ddpm_jax[tf]'`), needed only for a tfds dataset stored as tfrecord
+(read in memory through tf.data) or a builder whose preparation needs it; without it those cases raise a
+DataError naming the extra. `tfds build NAME --file_format=array_record` prepares a dataset TF-free readers
+can use. Digits are prepared as ArrayRecord.
 """
 
-import logging
+import itertools
 import math
 import queue
 import threading
@@ -36,13 +38,14 @@ from collections.abc import Iterator
 
 import jax
 import numpy as np
-import tensorflow as tf
 import tensorflow_datasets as tfds
+from etils import epath
 
 from ddpm_jax.core import pixels
 from ddpm_jax.core.pixels import unscale_images  # noqa: F401 - re-exported beside scale_images
-from ddpm_jax.data import sources
+from ddpm_jax.data import order, sources
 from ddpm_jax.data.digits_builder import Digits  # registers the tfds name "digits"
+from ddpm_jax.data.images import decode_image
 from ddpm_jax.data.sources import StreamedSplit
 from ddpm_jax.errors import DataError
 
@@ -50,30 +53,18 @@ from ddpm_jax.errors import DataError
 # celeb_a's 218x178 faces are centre-cropped and resized to config.data.image_size), and a folder.
 EXAMPLE_DATASETS = ("digits", "mnist", "fashion_mnist", "cifar10", "celeb_a", "folder:/path/to/images")
 READ_AHEAD = 2  # batches train_batches keeps ready in a background thread (_read_ahead)
-# tf.random.experimental.index_shuffle pads its [2] seed with this word in front before calling
-# the raw op; we call the raw op with one seed per element and the same padding (same results).
+TF_EXTRA = "pip install 'ddpm_jax[tf]'"
+# tf.random.experimental.index_shuffle pads its [2] seed with this word in front before calling the raw op;
+# the training order keeps that key layout: [pad, seed, epoch] (order.index_shuffle is the raw op).
 _INDEX_SHUFFLE_SEED_PAD = 498247692
-
-
-def hide_gpus_from_tf() -> None:
-    """Keeps TensorFlow (tf.data, tfds) off the GPUs, leaving their memory to JAX.
-
-    Call it at the start of the entry point, before TF has initialised its devices.
-    """
-    try:
-        tf.config.set_visible_devices([], "GPU")
-    except RuntimeError as e:  # TF's devices were already initialised
-        logging.warning("Could not hide GPUs from TensorFlow: %s", e)
 
 
 # ----------------------------------------------------------------------------- scaling
 
 
-def scale_images(images):
-    """Maps uint8 pixels 0..255 to float32 in [-1, 1] (x / 127.5 - 1), for NumPy or tf.Tensor input
-    (pixels.scale_images is the NumPy one; pixels.unscale_images the inverse)."""
-    if isinstance(images, tf.Tensor):
-        return tf.cast(images, tf.float32) / 127.5 - 1.0
+def scale_images(images) -> np.ndarray:
+    """Maps uint8 pixels 0..255 to float32 in [-1, 1] (x / 127.5 - 1): pixels.scale_images, re-exported
+    (pixels.unscale_images is the inverse)."""
     return pixels.scale_images(images)
 
 
@@ -106,8 +97,19 @@ def _check_split(builder: tfds.core.DatasetBuilder, split: str) -> None:
         ) from None
 
 
+def _missing_tensorflow(error: BaseException | None) -> bool:
+    """Whether error, or an error it was raised from, is TensorFlow's absence."""
+    while error is not None:
+        if isinstance(error, ImportError) and (error.name or "").split(".")[0] == "tensorflow":
+            return True
+        if isinstance(error, ImportError) and "No module named 'tensorflow" in str(error):
+            return True
+        error = error.__cause__ or error.__context__
+    return False
+
+
 def _prepare(builder: tfds.core.DatasetBuilder, download: bool) -> None:
-    """Makes sure the builder's data is in its data_dir; RuntimeError if it cannot be."""
+    """Makes sure the builder's data is in its data_dir (as ArrayRecord); RuntimeError if it cannot be."""
     if builder.is_prepared():
         return
     if isinstance(builder, Digits):  # reads scikit-learn's copy: no network involved
@@ -122,15 +124,20 @@ def _prepare(builder: tfds.core.DatasetBuilder, download: bool) -> None:
         return
     where = f"data_dir={str(builder.data_path)!r}"
     advice = (
-        f"Prepare it on a machine with a network (`tfds build {builder.name} --data_dir=DIR`), "
-        "copy DIR here and pass it as data_dir (config.data.data_dir), or use dataset 'digits', "
-        "which needs no download."
+        f"Prepare it on a machine with a network (`tfds build {builder.name} --file_format=array_record "
+        "--data_dir=DIR`), copy DIR here and pass it as data_dir (config.data.data_dir), or use dataset "
+        "'digits', which needs no download."
     )
     if not download:
         raise RuntimeError(f"tfds dataset {builder.name!r} is not prepared in {where} and download=False. {advice}")
     try:
-        builder.download_and_prepare()
+        builder.download_and_prepare(file_format="array_record")
     except Exception as e:  # network, manual-download and missing-package errors alike
+        if _missing_tensorflow(e):
+            raise DataError(
+                f"Preparing tfds dataset {builder.name!r} needs TensorFlow: {TF_EXTRA}, or prepare it elsewhere "
+                f"(`tfds build {builder.name} --file_format=array_record --data_dir=DIR`) and pass DIR as data_dir."
+            ) from e
         raise RuntimeError(
             f"tfds dataset {builder.name!r} is not prepared in {where} and cannot be downloaded "
             f"on this machine ({type(e).__name__}: {e}). {advice}"
@@ -140,11 +147,49 @@ def _prepare(builder: tfds.core.DatasetBuilder, download: bool) -> None:
 def check_data_dir(data_dir: str | None) -> None:
     """errors.DataError (a RuntimeError) if data_dir is set but is not a folder; train_and_evaluate
     calls it before it touches the workdir or builds anything."""
-    if data_dir and not tf.io.gfile.isdir(data_dir):
+    if data_dir and not epath.Path(data_dir).is_dir():
         raise DataError(
             f"config.data.data_dir={data_dir!r} does not exist: pass the folder that holds the "
             "prepared tfds datasets (or leave it unset for ~/tensorflow_datasets)."
         )
+
+
+def _tfrecord_images(builder: tfds.core.DatasetBuilder, split: str, channels: int, size: int | None) -> np.ndarray:
+    """A split stored as tfrecord, read through tf.data (TensorFlow, the `tf` extra), decoded and fitted
+    like every other image (PIL, images.fit_image)."""
+    try:
+        import tensorflow as tf
+    except ImportError:
+        raise DataError(
+            f"tfds dataset {builder.name!r} in {builder.data_dir} is stored as "
+            f"{builder.info.file_format.value}, which only TensorFlow reads: {TF_EXTRA}, or prepare it again as "
+            f"ArrayRecord (`tfds build {builder.name} --file_format=array_record --data_dir=DIR`, a new DIR)."
+        ) from None
+    try:
+        tf.config.set_visible_devices([], "GPU")  # tf.data stays on the CPU, the accelerators' memory to JAX
+    except RuntimeError:  # TF's devices were already initialised
+        pass
+    ds = builder.as_dataset(split=split, shuffle_files=False, decoders={"image": tfds.decode.SkipDecoding()})
+    encoded = [ex["image"] for ex in tfds.as_numpy(ds)]
+    return _decode_all(encoded, channels, size, name=f"{builder.name}:{split}")
+
+
+def _decode_all(encoded: list[bytes], channels: int, size: int | None, name: str) -> np.ndarray:
+    """uint8 [N, H, W, channels] from encoded images (fitted to size unless None), decoded on sources.pool()."""
+
+    def one(k: int) -> np.ndarray:
+        try:
+            image = decode_image(encoded[k], channels)
+        except sources.DECODE_ERRORS as e:
+            raise DataError(f"Cannot read image {k} of {name}: {e}.") from None
+        return image if size is None else sources.fit_image(image, size)
+
+    decoded = list(sources.pool().map(one, range(len(encoded))))
+    if not decoded:
+        return np.zeros((0, size or 0, size or 0, channels), np.uint8)
+    if len({x.shape for x in decoded}) > 1:
+        raise DataError(f"{name}: images of several sizes; set config.data.image_size to fit them to one size.")
+    return np.stack(decoded)
 
 
 def load_images(
@@ -162,19 +207,19 @@ def load_images(
     """This process's shard of a split: read fully into memory, or (in_memory=False) streamed from disk.
 
     "digits" prepares itself into data_dir on first use. Other tfds datasets are downloaded and
-    prepared there if they are missing (download=True); where that fails (no network) the
-    error says how to prepare them elsewhere.
+    prepared there (as ArrayRecord) if they are missing (download=True); where that fails (no network)
+    the error says how to prepare them elsewhere.
 
     Args:
       dataset: tfds name, e.g. "digits", "mnist", "cifar10", "celeb_a", or "folder:/path/to/images".
       split: tfds split string, e.g. "train", "test", "train[:90%]"; for a folder "train", "test" or
-        a subfolder's name (data_sources).
+        a subfolder's name (sources).
       data_dir: tfds data_dir; None for tfds's default (~/tensorflow_datasets). Unused for folders.
       process_index: this process's shard; default jax.process_index().
       process_count: number of shards (tfds.even_splits); default jax.process_count().
       download: whether to try downloading a dataset that is not prepared yet.
-      image_size: fit every image to image_size x image_size (sources.fit_image; images of that
-        size pass unchanged). None keeps the stored size (tfds only, all images of one size).
+      image_size: fit every image to image_size x image_size (images.fit_image; images of that
+        size pass unchanged). None keeps the stored size (tfds only, all images of one size, in memory).
         Required for folders and streaming.
       channels: 1 or 3. A tfds dataset must store that many (DataError otherwise); a folder's files are
         converted to it. None keeps the stored channels (tfds only).
@@ -188,7 +233,8 @@ def load_images(
       ValueError: unknown dataset name, unknown split, or no "image" feature.
       RuntimeError: the dataset is not prepared and cannot be downloaded here.
       errors.DataError (a RuntimeError): a channel count that does not match the config, a missing or
-        empty folder, an unreadable image file (named), a tfds dataset that cannot stream.
+        empty folder, an unreadable image file (named), a tfds dataset that cannot stream, or one that
+        needs TensorFlow where it is not installed (the message names the `tf` extra).
     """
     process_index = jax.process_index() if process_index is None else process_index
     process_count = jax.process_count() if process_count is None else process_count
@@ -218,23 +264,26 @@ def load_images(
             f"Dataset {dataset!r} has {stored_channels}-channel images but config.data.channels={channels}: "
             f"set config.data.channels={stored_channels}."
         )
+    channels = channels or stored_channels or 3
     if process_count > 1:
         split = tfds.even_splits(split, process_count)[process_index]
-    if not in_memory or builder.info.file_format == tfds.core.FileFormat.ARRAY_RECORD:  # by index
-        if image_size is None and (height is None or height != width):
-            raise ValueError(f"Dataset {dataset!r}: streaming, or reading ArrayRecord, needs image_size.")
-        streamed = sources.streamed_tfds(builder, split, channels or stored_channels, image_size or height)
-        return streamed if not in_memory else streamed[:]
-    if image_size is None or height == width == image_size:  # as stored, in one batch
-        ds = builder.as_dataset(split=split, batch_size=-1, shuffle_files=False)
-        return np.asarray(tfds.as_numpy(ds)["image"], np.uint8)
-    # Fitted once, here, so that training reads ready images.
-    ds = builder.as_dataset(split=split, shuffle_files=False)
-    ds = ds.map(lambda ex: sources.fit_image(ex["image"], image_size), num_parallel_calls=tf.data.AUTOTUNE)
-    batches = [b.numpy() for b in ds.batch(1024)]
-    if not batches:
-        return np.zeros((0, image_size, image_size, stored_channels), np.uint8)
-    return np.concatenate(batches)
+    if builder.info.file_format != tfds.core.FileFormat.ARRAY_RECORD:
+        if not in_memory:
+            raise DataError(
+                f"config.data.in_memory=False streams by index, which tfds offers only for datasets prepared as "
+                f"ArrayRecord; {builder.name!r} in {builder.data_dir} is stored as {builder.info.file_format.value}. "
+                f"Prepare it once with `tfds build {builder.name} --file_format=array_record --data_dir=DIR` (a "
+                "new DIR), or set config.data.in_memory=True if the split fits in memory."
+            )
+        return _tfrecord_images(builder, split, channels, image_size)
+    source = builder.as_data_source(split, deserialize_method=tfds.decode.DeserializeMethod.RAW_BYTES)
+    if image_size is None and in_memory:  # as stored
+        records = source.__getitems__(list(range(len(source))))
+        return _decode_all([sources.example_image_bytes(r) for r in records], channels, None, f"{dataset}:{split}")
+    if image_size is None and (height is None or height != width):
+        raise ValueError(f"Dataset {dataset!r}: streaming needs image_size.")
+    streamed = sources.streamed_tfds(source, f"{dataset}:{split}", channels, image_size or height)
+    return streamed if not in_memory else streamed[:]
 
 
 # ----------------------------------------------------------------------------- batching
@@ -251,63 +300,33 @@ def _per_device_batch_size(global_batch_size: int, num_local_devices: int, proce
     return global_batch_size // num_devices
 
 
-def _epoch_permutation(position, seed, epoch, num_examples: int):
-    """index_shuffle(position[i], seed=[seed, epoch[i]], max_index=num_examples - 1) for all i.
-
-    tf.random.experimental.index_shuffle takes one seed per call; its raw op takes one seed
-    row per element, so a batch that straddles epochs is one op.
-    """
-    rows = tf.stack(
-        [
-            tf.fill(tf.shape(position), tf.constant(_INDEX_SHUFFLE_SEED_PAD, tf.int64)),
-            tf.fill(tf.shape(position), seed),
-            epoch,
-        ],
-        axis=1,
-    )  # [B, 3]
-    return tf.raw_ops.RandomIndexShuffle(
-        index=position, seed=rows, max_index=tf.constant(num_examples - 1, tf.int64), rounds=4
-    )
-
-
-def _step_indices(step, batch_size: int, seed, num_examples: int):
+def step_indices(step: int, batch_size: int, seed: int, num_examples: int) -> np.ndarray:
     """The image indices of a step's batch: int64 [batch_size] (see train_batches)."""
-    g = step * batch_size + tf.range(batch_size, dtype=tf.int64)  # global example numbers
-    return _epoch_permutation(g % num_examples, seed, g // num_examples, num_examples)
+    g = step * batch_size + np.arange(batch_size, dtype=np.int64)  # global example numbers
+    epoch, position = g // num_examples, g % num_examples
+    out = np.empty(batch_size, np.int64)
+    for e in np.unique(epoch):  # one or two epochs (more only for batches larger than the split)
+        at = epoch == e
+        out[at] = order.epoch_permutation((_INDEX_SHUFFLE_SEED_PAD, seed, int(e)), num_examples)[position[at]]
+    return out
 
 
-def _flip(batch, seed, step, batch_size: int):
-    """Flips each image of a step's uint8 [B, H, W, C] batch left-right with probability 1/2; philox keyed
-    by (seed, step), so fixed per (seed, example number) for a given batch size."""
-    width = batch.shape[2]
-    coin = tf.random.stateless_uniform([batch_size], tf.stack([seed, step]), alg="philox")
-    cols = tf.range(width)[None]  # [1, W]; a column gather is 3x faster than tf.where
-    cols = tf.where((coin < 0.5)[:, None], width - 1 - cols, cols)  # [B, W]
-    return tf.gather(batch, cols, axis=2, batch_dims=1)
+def flip_mask(step: int, batch_size: int, seed: int) -> np.ndarray:
+    """bool [batch_size]: which images of a step's batch are flipped left-right (philox keyed by (seed, step),
+    so fixed per (seed, example number) for a given batch size)."""
+    return order.philox_uniform(batch_size, seed, step) < 0.5
 
 
-def _train_dataset(
-    images: np.ndarray | StreamedSplit, batch_size: int, seed: int, start_step: int, random_flip: bool
-) -> tf.data.Dataset:
-    """tf.data stream of uint8 [batch_size, H, W, C] batches, element k being step start_step+k."""
-    num_examples = len(images)
-    seed_t = tf.constant(seed, tf.int64)
-    steps = tf.data.Dataset.counter(start=start_step, dtype=tf.int64)
-    if isinstance(images, StreamedSplit):  # read from disk, a step's images in parallel
-        index = steps.map(lambda step: _step_indices(step, batch_size, seed_t, num_examples))
-        ds = tf.data.Dataset.zip(steps, images.images(index, batch_size))
-        if random_flip:
-            return ds.map(
-                lambda step, batch: _flip(batch, seed_t, step, batch_size), num_parallel_calls=tf.data.AUTOTUNE
-            )
-        return ds.map(lambda step, batch: batch)
-    images_t = tf.convert_to_tensor(images)  # captured by reference, not embedded in the graph
+_FLIP_CHUNK = 64  # steps whose flips are drawn in one vectorized Philox call
 
-    def batch_for_step(step):
-        batch = tf.gather(images_t, _step_indices(step, batch_size, seed_t, num_examples))  # [B, H, W, C] uint8
-        return _flip(batch, seed_t, step, batch_size) if random_flip else batch
 
-    return steps.map(batch_for_step, num_parallel_calls=tf.data.AUTOTUNE)
+def _train_batch(images: np.ndarray | StreamedSplit, step: int, batch_size: int, seed: int, coin=None):
+    """uint8 [batch_size, H, W, C]: step's images, flipped where coin (bool [batch_size]) is True."""
+    index = step_indices(step, batch_size, seed, len(images))
+    batch = images.read(index) if isinstance(images, StreamedSplit) else images[index]
+    if coin is not None:
+        batch[coin] = batch[coin, :, ::-1]
+    return batch
 
 
 def train_batches(
@@ -323,12 +342,12 @@ def train_batches(
 
     With B = global_batch_size // process_count (this process's batch) and N = len(images)
     (this process's shard), sample j of step s is example number g = s * B + j of the stream:
-    epoch e = g // N, position p = g % N, image
-    index_shuffle(p, seed=[seed, e], max_index=N - 1) (tf.random.experimental.index_shuffle, a
-    stateless permutation per epoch). So every epoch visits each image exactly once, batches
+    epoch e = g // N, position p = g % N, image order.index_shuffle(p, key=[pad, seed, e],
+    max_index=N - 1) (tf.random.experimental.index_shuffle(p, seed=[seed, e], max_index=N - 1), in
+    NumPy: a stateless permutation per epoch). So every epoch visits each image exactly once, batches
     may straddle epochs, and the stream from start_step=k equals the uninterrupted stream from
-    step k. The optional left-right flips are drawn from philox keyed by (seed, s), hence fixed
-    per (seed, g) for a given batch size.
+    step k. The optional left-right flips are drawn from philox keyed by (seed, s) (flip_mask), hence
+    fixed per (seed, g) for a given batch size.
 
     Args:
       images: uint8 [N, H, W, C], e.g. from load_images (this process's shard), or a StreamedSplit
@@ -345,6 +364,7 @@ def train_batches(
 
     Raises:
       ValueError: global_batch_size not a multiple of the device count, or no images.
+      errors.DataError: (from next()) a streamed image that cannot be read, named.
     """
     num_local_devices = num_local_devices or jax.local_device_count()
     process_count = process_count or jax.process_count()
@@ -352,19 +372,23 @@ def train_batches(
     if len(images) == 0:
         raise ValueError("train_batches needs at least one image.")
     shape = (num_local_devices, per_device, *images.shape[1:])
-    ds = _train_dataset(images, per_device * num_local_devices, seed, start_step, random_flip)
-    ds = ds.map(lambda b: tf.reshape(scale_images(b), shape), num_parallel_calls=tf.data.AUTOTUNE)
-    ds = ds.prefetch(tf.data.AUTOTUNE)
-    if not isinstance(images, StreamedSplit):
-        return _read_ahead(batch._numpy() for batch in ds)  # zero-copy views of the tf tensors
-    return _read_ahead(_named_errors(ds, images, per_device * num_local_devices, seed, start_step))
+    batch_size = per_device * num_local_devices
+
+    def batches():
+        for first in itertools.count(start_step, _FLIP_CHUNK):
+            steps = np.arange(first, first + _FLIP_CHUNK)
+            coins = order.philox_uniform(batch_size, seed, steps) < 0.5 if random_flip else [None] * len(steps)
+            for step, coin in zip(steps.tolist(), coins):
+                yield scale_images(_train_batch(images, step, batch_size, seed, coin)).reshape(shape)
+
+    return _read_ahead(batches())
 
 
-def _read_ahead(batches: Iterator[np.ndarray], size: int = READ_AHEAD) -> Iterator[np.ndarray]:
+def _read_ahead(batches: Iterator, size: int = READ_AHEAD, name: str = "train_batches") -> Iterator:
     """Iterates batches in a background thread, up to `size` ahead, so that next() hands over a ready batch.
 
-    tf.data's AUTOTUNE prefetch keeps little ready for a consumer that is slower than the pipeline (a
-    training step): there next() waited 2-4 ms per step (bench/RESULTS.md, input pipeline), here ~0.07 ms.
+    The thread builds one batch at a time (a streamed split's images are read and decoded on sources.pool()),
+    so a training step overlaps the next batches' preparation; bench/input_pipeline.py measures next()'s wait.
     An error in the pipeline is raised by the next() that reaches it; the thread stops when this iterator
     is closed or garbage-collected.
     """
@@ -385,31 +409,21 @@ def _read_ahead(batches: Iterator[np.ndarray], size: int = READ_AHEAD) -> Iterat
             for batch in batches:
                 if not put((batch, None)):
                     return
+            put((None, None))  # the end of a finite stream
         except BaseException as e:  # handed to the consumer
             put((None, e))
 
-    threading.Thread(target=fill, name="train_batches", daemon=True).start()
+    threading.Thread(target=fill, name=name, daemon=True).start()
     try:
         while True:
             batch, error = ready.get()
             if error is not None:
                 raise error
+            if batch is None:
+                return
             yield batch
     finally:
         stop.set()
-
-
-def _named_errors(ds: tf.data.Dataset, images: StreamedSplit, batch_size: int, seed: int, step: int):
-    """Yields ds's batches as NumPy; a file that cannot be read fails with a DataError naming it."""
-    it = iter(ds)
-    while True:
-        try:
-            batch = next(it)
-        except (tf.errors.InvalidArgumentError, tf.errors.NotFoundError) as e:
-            index = _step_indices(tf.constant(step, tf.int64), batch_size, tf.constant(seed, tf.int64), len(images))
-            raise images.read_error(index.numpy(), e) from None
-        yield batch._numpy()
-        step += 1
 
 
 def eval_batches(
@@ -422,7 +436,8 @@ def eval_batches(
     """The whole split once, in order, padded to full batches, shaped like train_batches.
 
     Args:
-      images: uint8 [N, H, W, C] (this process's shard), or a StreamedSplit (read in order as it goes).
+      images: uint8 [N, H, W, C] (this process's shard), or a StreamedSplit (read in order as it goes,
+        a batch ahead in a background thread).
       batch_size: global batch over all devices of all processes, as in train_batches.
       num_local_devices: default jax.local_device_count().
       process_count: default jax.process_count().
@@ -445,18 +460,9 @@ def eval_batches(
     if num_batches is None:
         num_batches = math.ceil(len(images) / local_batch)
 
-    def chunks():  # this process's images, local_batch at a time; empty past the end
-        if isinstance(images, StreamedSplit):
-            stop = min(len(images), num_batches * local_batch)
-            index = tf.data.Dataset.range(stop).batch(local_batch)
-            yield from (b.numpy() for b in images.images(index, local_batch).prefetch(2))
-        else:
-            yield from (images[k * local_batch : (k + 1) * local_batch] for k in range(num_batches))
-        while True:
-            yield images[:0]
-
     def batches():
-        for _, chunk in zip(range(num_batches), chunks()):  # chunk: [<=b, H, W, C]
+        for k in range(num_batches):
+            chunk = images[k * local_batch : (k + 1) * local_batch]  # [<=b, H, W, C]; empty past the end
             padded = np.zeros((local_batch, *images.shape[1:]), np.uint8)
             padded[: len(chunk)] = chunk
             mask = np.arange(local_batch) < len(chunk)
@@ -465,4 +471,4 @@ def eval_batches(
                 mask.reshape(num_local_devices, per_device),
             )
 
-    return batches()
+    return _read_ahead(batches(), 1, "eval_batches") if isinstance(images, StreamedSplit) else batches()

@@ -1,8 +1,8 @@
 """A config's splits: this process's shard of the train or test split, checked against the config.
 
 What the loop, the evaluate and ablate commands and the tests read their images with. Importing it
-imports the input pipeline and TensorFlow: a caller that must not (loading or sampling a run)
-imports it inside the function that reads a split.
+imports the input pipeline and tfds: a caller that need not (loading or sampling a run) imports it
+inside the function that reads a split.
 """
 
 from __future__ import annotations

@@ -73,9 +73,9 @@ def _torch_hub_dir() -> str:
     return os.path.join(os.path.expanduser(os.environ.get("TORCH_HOME", os.path.join(home, "torch"))), "hub")
 
 
-def resolve_inception_weights(path: str | None = None) -> str:
+def resolve_inception_weights(path: str | None = None, *, download: bool = True) -> str | None:
     """The weights file: `path`, else $DDPM_JAX_INCEPTION_WEIGHTS, else a cached copy (ours or torch
-    hub's), else downloaded from torch-fidelity's release into cache_dir().
+    hub's), else downloaded from torch-fidelity's release into cache_dir() (with download=False: None).
 
     Raises:
       FidWeightsError: a given path that does not exist, or no file and no download (one line).
@@ -90,6 +90,8 @@ def resolve_inception_weights(path: str | None = None) -> str:
     for candidate in (target, *(os.path.join(hub, name) for name in STANDARD_NAMES)):
         if os.path.isfile(candidate):
             return candidate
+    if not download:
+        return None
     _download(target)
     return target
 

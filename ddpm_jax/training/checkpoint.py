@@ -38,6 +38,7 @@ CONFIG_FILE = "config.json"
 # Train state fields renamed since checkpoints were written, {name in older checkpoints: name now}:
 # such checkpoints are still restored (train_lib.TrainState's loss_history became method_state).
 RENAMED_FIELDS = {"loss_history": "method_state"}
+DEFAULT_ITEM = "default"  # Orbax's name for a manager's single item: <step>/default
 
 
 def checkpoint_dir(workdir) -> str:
@@ -50,17 +51,28 @@ def checkpoint_path(workdir) -> epath.Path:
 
 
 def make_manager(workdir: str, max_to_keep: int = 3, *, read_only: bool = False) -> ocp.CheckpointManager:
-    """The workdir's CheckpointManager; read_only for readers (sample.py) beside a running training."""
+    """The workdir's CheckpointManager; read_only for readers (sample.py) beside a running training.
+
+    Orbax 0.12's current API: retention is a preservation policy (the newest `max_to_keep` steps;
+    n=None, a reader's, keeps all), and the state's handler is registered up front for the default item, so
+    `metadata(step)` reads the stored shapes before any restore.
+    """
     options = ocp.CheckpointManagerOptions(
-        max_to_keep=None if read_only else max_to_keep,
+        preservation_policy=ocp.checkpoint_managers.LatestN(n=None if read_only else max_to_keep),
         create=not read_only,
         cleanup_tmp_directories=not read_only,
         read_only=read_only,
     )
-    # The handler registered up front lets `item_metadata` read the stored shapes before a restore.
-    return ocp.CheckpointManager(
-        checkpoint_path(workdir), options=options, item_handlers=ocp.StandardCheckpointHandler()
-    )
+    registry = ocp.handlers.DefaultCheckpointHandlerRegistry()
+    for args in (ocp.args.StandardSave, ocp.args.StandardRestore):
+        registry.add(DEFAULT_ITEM, args, ocp.StandardCheckpointHandler)
+    return ocp.CheckpointManager(checkpoint_path(workdir), options=options, handler_registry=registry)
+
+
+def complete_steps(workdir: str) -> list[int]:
+    """The steps of the workdir's complete checkpoints, listed without a manager (no collective: safe
+    when another process is gone); a step still being written, or left unfinished by a kill, is not one."""
+    return sorted(ocp.path.step.checkpoint_steps(checkpoint_path(workdir)))
 
 
 def save(mngr: ocp.CheckpointManager, state, *, force: bool = False) -> bool:
@@ -190,7 +202,9 @@ def restore_latest(mngr: ocp.CheckpointManager, target):
     step, older = steps[-1], steps[:-1]
     where = str(epath.Path(mngr.directory) / str(step))
     try:
-        stored = mngr.item_metadata(step)
+        if not (epath.Path(where) / DEFAULT_ITEM).exists():  # Orbax would read it as a checkpoint of no items
+            raise FileNotFoundError(f"no {DEFAULT_ITEM!r} item in it")
+        stored = mngr.metadata(step).item_metadata
     except Exception as e:  # noqa: BLE001 - orbax raises many types for unreadable folders
         raise _damaged(where, e, older) from e
     if stored is None:

@@ -18,6 +18,9 @@ cluster JAX detects by itself (SLURM, Open MPI, Kubernetes, Cloud TPU).
 from __future__ import annotations
 
 import os
+import sys
+import threading
+import time
 
 import jax
 import numpy as np
@@ -84,7 +87,7 @@ def initialize(
     """Starts jax.distributed when the arguments or the environment ask for it.
 
     Must run before anything touches a JAX device. On CPU, cross-process collectives go through
-    gloo (`jax_cpu_collectives_implementation`), which has to be chosen before initialising.
+    gloo, JAX's default (`jax_cpu_collectives_implementation`, "gloo" since before jax 0.8.2).
 
     Args:
       coordinator_address: host:port of process 0; default $JAX_COORDINATOR_ADDRESS.
@@ -108,8 +111,6 @@ def initialize(
         _check(address, num, pid)
         if num == 1:
             return False
-    if jax.config.jax_cpu_collectives_implementation is None:
-        jax.config.update("jax_cpu_collectives_implementation", "gloo")
     try:
         jax.distributed.initialize(address, num, pid, initialization_timeout=timeout_s)
     except Exception as e:  # noqa: BLE001 - connection, cluster-detection and runtime errors alike
@@ -120,6 +121,96 @@ def initialize(
             "reachable from all of them."
         ) from e
     return True
+
+
+# Called with the lost process's name ("process 1", or "a peer process") when another process of the job
+# is gone; it must end this process (the command's: one line, then os._exit). None: one generic line.
+lost_peer_handler = None
+
+
+def _lost(who: str) -> None:
+    if lost_peer_handler is not None:
+        lost_peer_handler(who)
+    print(f"error: {who} of this job stopped: restart the whole job to resume.", file=sys.stderr, flush=True)
+    os._exit(1)
+
+
+# What a collective's error says when a peer process is gone: gloo's TCP pairs (CPU), NCCL (GPU), the
+# coordination service's heartbeats.
+PEER_LOST_MARKS = ("Gloo", "Connection reset by peer", "Connection closed by peer", "Broken pipe", "NCCL", "heartbeat")
+
+
+def peer_lost(e: BaseException) -> bool:
+    """Whether `e` is a multi-process run's collective that failed because another process is gone
+    (killed, crashed, its host lost): a JaxRuntimeError whose text names the transport that broke."""
+    if jax.process_count() == 1 or not isinstance(e, jax.errors.JaxRuntimeError):
+        return False
+    return any(mark in str(e) for mark in PEER_LOST_MARKS)
+
+
+def lost_peer_name() -> str:
+    """Which process a lost peer is: with two, the other one; with more, the error does not say."""
+    return f"process {1 - jax.process_index()}" if jax.process_count() == 2 else "a peer process"
+
+
+class PeerWatch:
+    """Calls `on_lost(name)` (default: `lost_peer_handler`'s) from its own thread when another process
+    of the job stops, so that a process whose collective with the dead peer hangs instead of failing
+    (several devices per process; a host gone without a TCP reset) says so within `lost_after_s`,
+    not after the coordination service's heartbeat timeout (100 s) and JAX's abort.
+
+    Every `beat_s` each process writes `alive:<count>` under PEER_KEY in jax.distributed's key-value
+    store (held by the coordination service, in process 0) and reads the others'. A peer is lost when
+    its count has not changed for `lost_after_s` (its own thread beats even while its main thread
+    computes or waits), or, for a process other than 0, when the store cannot be reached (process 0
+    is gone). `stop(clean=True)` writes `done`, so that a process that finished first is not lost.
+    """
+
+    PEER_KEY = "ddpm_jax/peers/"
+
+    def __init__(self, on_lost=None, *, client=None, beat_s: float = 1.0, lost_after_s: float = 20.0):
+        from jax._src import distributed as jax_distributed
+
+        self.client = client if client is not None else jax_distributed.global_state.client
+        self.me, self.count = jax.process_index(), jax.process_count()
+        self.on_lost, self.beat_s, self.lost_after_s = on_lost or _lost, beat_s, lost_after_s
+        self._stopped = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="ddpm_jax-peer-watch", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        start, beats, seen = time.monotonic(), 0, {}  # seen: {process: (its value, when it last changed)}
+        while not self._stopped.is_set():
+            try:
+                self.client.key_value_set(f"{self.PEER_KEY}{self.me}", f"alive:{beats}", allow_overwrite=True)
+                values = dict(self.client.key_value_dir_get(self.PEER_KEY))
+            except Exception:  # noqa: BLE001 - the store (process 0's coordination service) is gone
+                if not self._stopped.is_set():
+                    self.on_lost("process 0" if self.me != 0 else "a peer process")
+                return
+            now = time.monotonic()
+            for process in range(self.count):
+                value = values.get(f"{self.PEER_KEY}{process}")
+                if process == self.me or value == "done":
+                    continue
+                last, since = seen.get(process, (None, start))
+                if value != last:
+                    seen[process] = (value, now)
+                elif now - since > self.lost_after_s and not self._stopped.is_set():
+                    self.on_lost(f"process {process}")
+                    return
+            beats += 1
+            self._stopped.wait(self.beat_s)
+
+    def stop(self, clean: bool = True) -> None:
+        """Stops watching; `clean`: this process ends normally (the others will not take it as lost)."""
+        self._stopped.set()
+        self._thread.join(timeout=max(5.0, 2 * self.beat_s))
+        if clean:
+            try:
+                self.client.key_value_set(f"{self.PEER_KEY}{self.me}", "done", allow_overwrite=True)
+            except Exception:  # noqa: BLE001 - nobody is left to tell
+                pass
 
 
 def is_main_process() -> bool:

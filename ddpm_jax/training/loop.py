@@ -24,7 +24,7 @@ import numpy as np
 from ddpm_jax import fileio, methods
 from ddpm_jax.data import pipeline, splits
 from ddpm_jax.errors import CheckpointError, ConfigError, TrainingDiverged
-from ddpm_jax.evaluation import plots, report, sample_lib
+from ddpm_jax.evaluation import fid, plots, report, sample_lib
 from ddpm_jax.training import checkpoint, distributed, progress, train_lib, workdir_lock
 from ddpm_jax.training.guards import NonfiniteGuard, StopFlag
 from ddpm_jax.training.metric_writer import MetricWriter
@@ -236,6 +236,7 @@ def _train_and_evaluate(config, workdir: str, stop_at_step: int | None, steps, l
             num_batches=num_eval_batches,
         )
         stop_check = _StopCheck(stop, stop_at_step, num_steps)
+        fid_eval = fid.training_evaluator(config)  # FID every tr.fid_every steps; None when 0 (the default)
         # A signal during start-up stops before the first step; all processes must agree on it.
         step, stopping, diverged = initial_step, stop_check.any_signal(), False
         while step < num_steps and not stopping:
@@ -253,13 +254,19 @@ def _train_and_evaluate(config, workdir: str, stop_at_step: int | None, steps, l
                 writer.write(step, test_loss(rstate.ema_params))
             if every(step, tr.sample_every, num_steps, at_last=False):  # the final report samples the last step
                 _sample_grid(steps, rstate, eval_rng, step, config, workdir, writer)
+            if fid_eval is not None and every(step, tr.fid_every, num_steps):
+                writer.write(
+                    step, fid.fid_scalars(fid_eval, steps, rstate.ema_params, jax.random.fold_in(eval_rng, step))
+                )
             if every(step, tr.checkpoint_every, num_steps):
+                writer.flush()  # the records up to a checkpoint are stored before it (object stores buffer them)
                 checkpoint.save(mngr, distributed.unreplicate(rstate))
             if stop_check.due(step, is_log):
                 stopping = stop_check(step)
         bar.close()
         where = checkpoint.checkpoint_dir(workdir)
         if diverged or stopping:
+            writer.flush()
             checkpoint.save(mngr, distributed.unreplicate(rstate), force=True)
             checkpoint.wait_until_finished(mngr)
         if diverged:

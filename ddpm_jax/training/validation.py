@@ -56,6 +56,17 @@ def _check_training(tr: ml_collections.ConfigDict, num_devices: int | None) -> N
     for field in ("log_every", "eval_every", "sample_every", "checkpoint_every", "keep_checkpoints"):
         positive_int(tr, field, "training")
     positive_int(tr, "max_nonfinite_steps", "training", " (how many NaN/Inf steps in a row stop the run)")
+    fid_every, fid_num = tr.get("fid_every", 0), tr.get("fid_num_samples", 10_000)
+    require(
+        is_int(fid_every) and fid_every >= 0,
+        "training.fid_every",
+        f"must be 0 (no FID during training) or a positive number of steps, got {fid_every!r}.",
+    )
+    require(
+        is_int(fid_num) and fid_num >= 2,
+        "training.fid_num_samples",
+        f"must be a whole number >= 2 of samples per FID, got {fid_num!r} (the paper's FID uses 50000).",
+    )
 
 
 def _check_optim(opt: ml_collections.ConfigDict) -> None:
