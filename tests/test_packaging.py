@@ -7,6 +7,8 @@ among them, are not run). So nothing is downloaded, and ddpm_jax and its configs
 the wheel.
 """
 
+import ast
+import importlib.metadata as md
 import json
 import os
 import re
@@ -18,6 +20,7 @@ import tomllib
 import zipfile
 
 import pytest
+from packaging.requirements import Requirement
 
 from helpers import fault_utils as fu
 
@@ -105,6 +108,106 @@ def test_the_pre_commit_ruff_is_the_pinned_ruff():
     with open(os.path.join(ROOT, ".pre-commit-config.yaml")) as f:
         hook = re.search(r"repo: https://github\.com/astral-sh/ruff-pre-commit\s+rev: v(\S+)", f.read())
     assert hook and hook.group(1) == pin, (hook and hook.group(1), pin)
+
+
+# TensorFlow and what only it brings: in the `tf` extra alone (tensorflow-datasets and TensorBoard, which
+# the tests' event-file reader uses, are not TensorFlow).
+TENSORFLOW = {"tensorflow", "tensorflow-cpu", "tensorflow-intel", "tensorflow-macos", "tf-nightly", "keras"}
+
+
+def _name(requirement: str) -> str:
+    return re.sub(r"[-_.]+", "-", Requirement(requirement).name).lower()
+
+
+def _project() -> dict:
+    with open(os.path.join(ROOT, "pyproject.toml"), "rb") as f:
+        return tomllib.load(f)["project"]
+
+
+def test_the_default_install_and_every_extra_but_tf_pull_no_tensorflow(wheel):
+    """The wheel's own Requires-Dist: nothing outside the `tf` extra names TensorFlow, and `tf` does."""
+    with zipfile.ZipFile(wheel) as z:
+        metadata = z.read(next(n for n in z.namelist() if n.endswith(".dist-info/METADATA"))).decode()
+    by_extra: dict[str, set[str]] = {}
+    for line in re.findall(r"^Requires-Dist: (.*)$", metadata, flags=re.M):
+        requirement = Requirement(line)
+        extra = re.search(r'extra == "([^"]+)"', str(requirement.marker or ""))
+        by_extra.setdefault(extra.group(1) if extra else "", set()).add(_name(line))
+    assert {"", "tf", "gpu", "gpu-cuda12", "gpu-local", "tpu", "test"} <= set(by_extra), sorted(by_extra)
+    for extra, names in by_extra.items():
+        if extra != "tf":
+            assert names & TENSORFLOW == set(), (extra, names & TENSORFLOW)
+    assert by_extra["tf"] == {"tensorflow-cpu", "tensorflow"}
+
+
+class _Imports(ast.NodeVisitor):
+    """Top-level module names imported, split by whether the import runs when the module is imported."""
+
+    def __init__(self):
+        self.at_import, self.in_functions, self._depth = set(), set(), 0
+
+    def _add(self, name: str):
+        (self.in_functions if self._depth else self.at_import).add(name.split(".")[0])
+
+    def visit_FunctionDef(self, node):
+        self._depth += 1
+        self.generic_visit(node)
+        self._depth -= 1
+
+    visit_AsyncFunctionDef = visit_FunctionDef
+
+    def visit_Import(self, node):
+        for alias in node.names:
+            self._add(alias.name)
+
+    def visit_ImportFrom(self, node):
+        if node.level == 0 and node.module:
+            self._add(node.module)
+
+
+def test_each_third_party_import_is_a_declared_dependency():
+    """What ddpm_jax imports when a module loads comes from [project.dependencies]; what it imports only
+    inside a function (TensorFlow for TFRecord-only datasets, ...) from there or an extra. A module name
+    is mapped to its distribution through this venv's installed metadata, or, where it is not installed
+    (TensorFlow in the default install), taken as the distribution's name."""
+    project = _project()
+    default = {_name(r) for r in project["dependencies"]}
+    extras = {_name(r) for reqs in project["optional-dependencies"].values() for r in reqs}
+    dists = {m: {re.sub(r"[-_.]+", "-", d).lower() for d in ds} for m, ds in md.packages_distributions().items()}
+    imports = _Imports()
+    for dirpath, _, files in os.walk(os.path.join(ROOT, "ddpm_jax")):
+        for name in files:
+            if name.endswith(".py"):
+                with open(os.path.join(dirpath, name)) as f:
+                    imports.visit(ast.parse(f.read()))
+    third_party = lambda names: {n for n in names if n not in sys.stdlib_module_names and n != "ddpm_jax"}
+    dist = lambda module: dists.get(module, {re.sub(r"[-_.]+", "-", module).lower()})
+    for module in third_party(imports.at_import):
+        assert dist(module) & default, f"{module} ({dist(module)}) is imported at load time but not a dependency"
+    for module in third_party(imports.in_functions):
+        assert dist(module) & (default | extras), f"{module} ({dist(module)}) is not declared"
+    assert "tensorflow" not in imports.at_import
+
+
+def test_constraints_pin_each_dependency_inside_its_bounds():
+    """constraints.txt (the tested versions) pins every requirement of the default install and of the
+    extras CI installs (test, fid-reference, and tf: the tfrecord path's tests need TensorFlow), each
+    inside pyproject.toml's bounds. The default install's freedom from TensorFlow is the wheel test above
+    and tests/test_no_tensorflow.py."""
+    with open(os.path.join(ROOT, "constraints.txt")) as f:
+        pins = dict(
+            (re.sub(r"[-_.]+", "-", name).lower(), version)
+            for name, version in re.findall(r"^([A-Za-z0-9_.-]+)==(\S+)$", f.read(), flags=re.M)
+        )
+    project = _project()
+    opt = project["optional-dependencies"]
+    for line in project["dependencies"] + opt["test"] + opt["fid-reference"] + opt["tf"]:
+        requirement = Requirement(line)
+        if requirement.marker is not None and not requirement.marker.evaluate():
+            continue
+        version = pins.get(_name(line))
+        assert version is not None, f"constraints.txt pins no {requirement.name}"
+        assert requirement.specifier.contains(version, prereleases=True), (line, version)
 
 
 @pytest.mark.slow
