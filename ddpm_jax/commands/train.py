@@ -60,10 +60,8 @@ def define_flags():
         process = jax.process_index() if multi else 0  # (single process: no backend started here)
         logs.to_workdir(workdir, process)  # the libraries' log lines, to <workdir>/log.txt once it exists
         # Another process of the job that dies: one line and a prompt exit (_exit_for_lost_peer), whether a
-        # collective with it fails here (peer_lost), hangs (the watch notices that its beats stopped), or
-        # the coordination service reports it (distributed's handler of the service's errors).
-        distributed.lost_peer_handler = lambda who: _exit_for_lost_peer(workdir, who)
-        watch = distributed.PeerWatch() if multi else None
+        # collective with it fails here (peer_lost) or hangs (the watch notices that its beats stopped).
+        watch = distributed.PeerWatch(lambda who: _exit_for_lost_peer(workdir, who)) if multi else None
         finished = False
         try:
             results = loop.train_and_evaluate(config_flag.value, workdir)

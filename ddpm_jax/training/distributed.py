@@ -18,7 +18,6 @@ cluster JAX detects by itself (SLURM, Open MPI, Kubernetes, Cloud TPU).
 from __future__ import annotations
 
 import os
-import sys
 import threading
 import time
 
@@ -123,18 +122,6 @@ def initialize(
     return True
 
 
-# Called with the lost process's name ("process 1", or "a peer process") when another process of the job
-# is gone; it must end this process (the command's: one line, then os._exit). None: one generic line.
-lost_peer_handler = None
-
-
-def _lost(who: str) -> None:
-    if lost_peer_handler is not None:
-        lost_peer_handler(who)
-    print(f"error: {who} of this job stopped: restart the whole job to resume.", file=sys.stderr, flush=True)
-    os._exit(1)
-
-
 # What a collective's error says when a peer process is gone: gloo's TCP pairs (CPU), NCCL (GPU), the
 # coordination service's heartbeats.
 PEER_LOST_MARKS = ("Gloo", "Connection reset by peer", "Connection closed by peer", "Broken pipe", "NCCL", "heartbeat")
@@ -154,7 +141,7 @@ def lost_peer_name() -> str:
 
 
 class PeerWatch:
-    """Calls `on_lost(name)` (default: `lost_peer_handler`'s) from its own thread when another process
+    """Calls `on_lost(name)` ("process 1", or "a peer process"; it must end this process) from its own thread when another process
     of the job stops, so that a process whose collective with the dead peer hangs instead of failing
     (several devices per process; a host gone without a TCP reset) says so within `lost_after_s`,
     not after the coordination service's heartbeat timeout (100 s) and JAX's abort.
@@ -168,12 +155,12 @@ class PeerWatch:
 
     PEER_KEY = "ddpm_jax/peers/"
 
-    def __init__(self, on_lost=None, *, client=None, beat_s: float = 1.0, lost_after_s: float = 20.0):
+    def __init__(self, on_lost, *, client=None, beat_s: float = 1.0, lost_after_s: float = 20.0):
         from jax._src import distributed as jax_distributed
 
         self.client = client if client is not None else jax_distributed.global_state.client
         self.me, self.count = jax.process_index(), jax.process_count()
-        self.on_lost, self.beat_s, self.lost_after_s = on_lost or _lost, beat_s, lost_after_s
+        self.on_lost, self.beat_s, self.lost_after_s = on_lost, beat_s, lost_after_s
         self._stopped = threading.Event()
         self._thread = threading.Thread(target=self._run, name="ddpm_jax-peer-watch", daemon=True)
         self._thread.start()
