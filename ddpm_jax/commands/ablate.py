@@ -85,36 +85,18 @@ def _compared(metric: str) -> tuple[str, ...]:
     return (f"{metric}_diff", f"{metric}_diff_lo", f"{metric}_diff_hi", f"{metric}_verdict", f"{metric}_interval")
 
 
+def _with_comparisons(metrics):
+    """Each metric, followed, for the COMPARED ones, by its standard error and its comparison columns."""
+    for metric in metrics:
+        yield metric
+        if metric in COMPARED:
+            yield from (f"{metric}_se", *_compared(metric))
+
+
 COLUMNS = (  # results.csv: one row per cell
     "cell",
-    "total_bpd",
-    "total_bpd_se",
-    *_compared("total_bpd"),
-    "decoder_bpd",
-    "diffusion_bpd",
-    "prior_bpd",
-    "recon_bpd",
-    "kl_bpd",
-    "fd",
-    "fd_se",
-    *_compared("fd"),
-    "fd_floor",
-    "classifier_score",
-    "classifier_score_se",
-    *_compared("classifier_score"),
-    "fid",
-    "fid_se",
-    *_compared("fid"),
-    "inception_score",
-    "kid",
-    "final_train_loss",
-    "steps",
-    "train_time_s",
-    "seeds",
-    "se_over",
-    "split",
-    "num_examples",
-    "overrides",
+    *_with_comparisons(m for m in AVERAGED if m != "train_time_s"),
+    *("steps", "train_time_s", "seeds", "se_over", "split", "num_examples", "overrides"),
 )
 RUN_COLUMNS = (  # results_by_seed.csv: one row per run
     *("cell", "seed_index", "seed", "run", "total_bpd_se"),
