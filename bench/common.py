@@ -160,7 +160,7 @@ def bench_train(
     t0 = now()
     method = methods.from_config(cfg)
     steps_fns = train_lib.compile_steps(method, cfg)
-    state = train_lib.create_train_state(method, steps_fns.tx, jax.random.PRNGKey(seed))
+    state = train_lib.create_train_state(method, steps_fns.tx, jax.random.PRNGKey(seed), flat=cfg.optim.flatten)
     p_train = steps_fns.p_train
     rstate = distributed.replicate(state)
     # The batch is laid out like a loader's: one shard per device along axis 0.

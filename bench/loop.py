@@ -1,7 +1,7 @@
 """The real training loop's speed beside the bare step (issue 22).
 
 `ddpm_jax.training.loop.train_and_evaluate` runs on synthetic images (uniform uint8 of the config's shape, through
-the real input pipeline: `splits.load_split` is the only thing replaced) and is timed over a window of steps in
+the real input pipeline: `splits.load_split`, `load_train` and `load_validation` are the only things replaced) and is timed over a window of steps in
 its steady state: from the call of step `warmup` to the end of step `warmup + steps` (its output waited for).
 The bare loop is the same compiled `p_train`, called back to back on one device-resident batch with one wait at
 the end, as bench/common.py's "pipelined" step. The two alternate, `--repeats` times each, and the medians are
@@ -12,7 +12,8 @@ window (the next batch from the pipeline, the non-finite flags' fetch, the log a
 waits for the device, so its time is mostly the device finishing queued steps; what the loop loses is the queue it
 drains (after a fetch the device idles while the host sends the next step).
 
-The periodic actions that fall outside the window (the test loss, a sample grid, a checkpoint) are timed once
+The periodic actions that fall outside the window (the validation loss, the best checkpoint it may save, a sample
+grid, a checkpoint) are timed once
 each on the digits config and shown amortized over their interval (`--amortized`); they are work the user asked
 for, not loop overhead.
 
@@ -78,14 +79,25 @@ def timed_method(timers: Timers, name: str, fn):
 
 
 def synthetic_split(config, num_images: int):
-    """A stand-in for splits.load_split: uniform uint8 images of the config's shape (fixed seed)."""
+    """A stand-in for splits.load_split: uniform uint8 images of the config's shape (fixed seed per split)."""
     shape = (num_images, config.data.image_size, config.data.image_size, config.data.channels)
 
-    def load_split(cfg, split):
-        seed = 0 if split == cfg.data.train_split else 1
+    def load_split(cfg, split, **shard):
+        seed = {cfg.data.train_split: 0, "validation": 2}.get(split, 1)
         return np.random.default_rng(seed).integers(0, 256, shape, dtype=np.uint8)
 
     return load_split
+
+
+def synthetic_splits(config, num_images: int) -> dict:
+    """Stand-ins for splits.load_split, load_train and load_validation (the training and validation sets
+    are synthetic splits of their own: no holdout is computed)."""
+    load_split = synthetic_split(config, num_images)
+    return {
+        "load_split": load_split,
+        "load_train": lambda cfg, **shard: load_split(cfg, cfg.data.train_split),
+        "load_validation": lambda cfg, **shard: load_split(cfg, "validation"),
+    }
 
 
 def real_loop(config, steps_fns, warmup: int, steps: int, num_images: int) -> dict:
@@ -125,7 +137,7 @@ def real_loop(config, steps_fns, warmup: int, steps: int, num_images: int) -> di
     original_load_data = loop._load_data
 
     def load_data(cfg, initial_step):
-        batches, test_images, num_eval_batches = original_load_data(cfg, initial_step)
+        batches, val_images, num_eval_batches = original_load_data(cfg, initial_step)
 
         def timed_batches():
             while True:
@@ -135,12 +147,13 @@ def real_loop(config, steps_fns, warmup: int, steps: int, num_images: int) -> di
                     timers.add("next batch (input pipeline)", time.perf_counter() - t0)
                 yield batch
 
-        return timed_batches(), test_images, num_eval_batches
+        return timed_batches(), val_images, num_eval_batches
 
     config = config.copy_and_resolve_references()
     config.training.num_train_steps = last + 1
     with tempfile.TemporaryDirectory() as workdir, contextlib.ExitStack() as stack:
-        stack.enter_context(patched(splits, "load_split", synthetic_split(config, num_images)))
+        for name, fn in synthetic_splits(config, num_images).items():
+            stack.enter_context(patched(splits, name, fn))
         stack.enter_context(patched(loop, "_load_data", load_data))
         for obj, name, label in (
             (guards.NonfiniteGuard, "check", "non-finite flags fetch"),
@@ -156,7 +169,9 @@ def real_loop(config, steps_fns, warmup: int, steps: int, num_images: int) -> di
 
 def bare_loop(steps_fns, method, config, steps: int) -> float:
     """Seconds per step of p_train called back to back on one device-resident batch, one wait at the end."""
-    state = train_lib.create_train_state(method, steps_fns.tx, jax.random.PRNGKey(config.seed))
+    state = train_lib.create_train_state(
+        method, steps_fns.tx, jax.random.PRNGKey(config.seed), flat=config.optim.flatten
+    )
     rstate = distributed.replicate(state)
     ndev = jax.local_device_count()
     size, ch = config.data.image_size, config.data.channels
@@ -176,13 +191,15 @@ def bare_loop(steps_fns, method, config, steps: int) -> float:
 
 
 def amortized_actions(config, steps_fns) -> dict:
-    """One test-loss evaluation, sample grid and checkpoint of the config, each over its interval (s/step)."""
+    """One validation-loss evaluation, best checkpoint, sample grid and checkpoint of the config, each over its
+    interval (s/step; the best checkpoint is saved at an eval step only when the validation value improves, so
+    its interval is eval_every at the most often)."""
     from ddpm_jax.evaluation import report
     from ddpm_jax.training import checkpoint
     from ddpm_jax.training.metric_writer import MetricWriter
 
     load = synthetic_split(config, 512)
-    test_images = load(config, config.data.eval_split)
+    val_images = load(config, "validation")
     state = train_lib.create_train_state(steps_fns.method, steps_fns.tx, jax.random.PRNGKey(0))
     rstate = distributed.replicate(state)
     rng = jax.random.PRNGKey(1)
@@ -192,17 +209,18 @@ def amortized_actions(config, steps_fns) -> dict:
         writer = MetricWriter(workdir)
         mngr = checkpoint.make_manager(workdir, tr.keep_checkpoints)
         actions = {
-            "test loss": (
+            "validation loss": (
                 tr.eval_every,
                 lambda: report.evaluate_loss(
                     steps_fns.p_eval,
                     rstate.ema_params,
-                    test_images=test_images,
+                    images=val_images,
                     config=config,
                     rng=rng,
-                    num_batches=report.num_eval_batches(test_images, tr.batch_size),
+                    num_batches=report.num_eval_batches(val_images, tr.batch_size),
                 ),
             ),
+            "best checkpoint": (tr.eval_every, lambda: save_best_at_next_step()),
             "sample grid": (
                 tr.sample_every,
                 lambda: loop._sample_grid(steps_fns, rstate, rng, 1, config, workdir, writer),
@@ -210,6 +228,12 @@ def amortized_actions(config, steps_fns) -> dict:
             "checkpoint": (tr.checkpoint_every, lambda: save_at_next_step()),
         }
         saved = [0]
+        best_mngr = checkpoint.make_best_manager(workdir)
+
+        def save_best_at_next_step():
+            saved[0] += 1
+            best = checkpoint.Best(saved[0], "val_bpd_est", 1.0 / saved[0])
+            checkpoint.save_best(best_mngr, best, distributed.unreplicate(rstate.ema_params))
 
         def save_at_next_step():  # a new step each time: Orbax skips a step it holds already
             saved[0] += 1

@@ -24,6 +24,11 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.vdm.fourier_min = 3  # Fourier features sin/cos(2 pi 2^n z), n = fourier_min..fourier_max
     config.vdm.fourier_max = 7
     config.vdm.base_measure = True  # eps_hat = z_t + network(...)
+    # The training loss's weight w(log SNR) of the diffusion term (ddpm_jax/core/weighting.py, Kingma & Gao 2023):
+    # "elbo" (w = 1: the bound), "eps", "x0", "v" (those predictors' unit-weight MSE), "simple" (Ho et al.'s
+    # L_simple), "sigmoid" (sigmoid(weighting_bias - log SNR)), "edm". The reported bound is the ELBO whatever it is.
+    config.vdm.weighting = "elbo"
+    config.vdm.weighting_bias = -2.0  # b of "sigmoid"
     # T of the discretised sampling chain (sample.py --steps, and the main job's grid). 500 samples of the
     # 1500-step model (docs/results.md, sampler table): fd 6.21 with 250 steps, 6.52 with 1000, 7.84 with 100,
     # 8.29 with DDIM 50; so 250, a quarter of the 1000-step chain's time.

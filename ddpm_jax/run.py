@@ -25,12 +25,13 @@ from ddpm_jax.methods.base import NoiseSchedule
 from ddpm_jax.training import checkpoint, train_lib
 from ddpm_jax.training.validation import validate_config, without_unread_fields
 
-WHICH = ("ema", "raw")
+WHICH = ("ema", "raw", "best")  # "best": the EMA params kept for the best validation value (training.keep_best)
 
 
 @dataclasses.dataclass(frozen=True, repr=False)
 class Run:
-    """A trained run: its config, method, restored state and the chosen params ("ema" or "raw").
+    """A trained run: its config, method, restored state and the chosen params ("ema", "raw" or "best": the EMA
+    params of <workdir>/best, whose step is the run's step here).
 
     What any run answers, whatever its method: `method_name`, `step`, `parameterization` and
     `variance` (None where the method has none), `noise_schedule` (log SNR against t, printable and
@@ -49,7 +50,7 @@ class Run:
 
     @property
     def params(self) -> Any:
-        return self.state.ema_params if self.which == "ema" else self.state.params
+        return self.state.params if self.which == "raw" else self.state.ema_params
 
     @property
     def method_name(self) -> str:
@@ -124,14 +125,17 @@ def load_run(workdir: str, which: str = "ema") -> Run:
 
     Args:
       workdir: the run's --workdir.
-      which: "ema" (the averaged params, what samples and bounds use) or "raw".
+      which: "ema" (the averaged params, what samples and bounds use), "raw", or "best": the EMA params the
+        run kept for its lowest validation value (training.keep_best; what its final report used), with
+        that step as the Run's step.
 
     Raises:
-      CheckpointError: no run, no checkpoint, or a damaged one; the message says what to do.
+      CheckpointError: no run, no checkpoint, or a damaged one, or which="best" without a kept best; the
+        message says what to do.
       ConfigError: `which` is not one of WHICH.
     """
     if which not in WHICH:
-        raise ConfigError(f"which={which!r}: use 'ema' or 'raw'.")
+        raise ConfigError(f"which={which!r}: use 'ema', 'raw' or 'best'.")
     config = load_config(workdir)
     method = methods.from_config(config)
     no_checkpoint = CheckpointError(
@@ -144,4 +148,21 @@ def load_run(workdir: str, which: str = "ema") -> Run:
     state = checkpoint.restore_latest(checkpoint.make_manager(workdir, read_only=True), target)
     if state is None:
         raise no_checkpoint
+    if which == "best":
+        state = _with_best_params(workdir, state)
     return Run(workdir=workdir, config=config, method=method, state=state, which=which)
+
+
+def _with_best_params(workdir: str, state: train_lib.TrainState) -> train_lib.TrainState:
+    """state with the EMA params and the step of the run's kept best (checkpoint.BEST_DIR)."""
+    best = None
+    if checkpoint.best_path(workdir).is_dir():
+        mngr = checkpoint.make_best_manager(workdir, read_only=True)
+        best = checkpoint.read_best(mngr)
+    if best is None:
+        raise CheckpointError(
+            f"{checkpoint.best_path(workdir)} holds no best checkpoint: the run was trained with "
+            "training.keep_best=False or before it existed. Use which='ema' (--params=ema) for the last step's."
+        )
+    params = checkpoint.restore_best_params(mngr, best.step, state.ema_params)
+    return state.replace(step=np.asarray(best.step, np.asarray(state.step).dtype), ema_params=params)

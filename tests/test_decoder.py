@@ -2,11 +2,14 @@
 
 Its L_0 against an independent float64 NumPy discretized Gaussian; its gradient against finite
 differences; Adam on the scale alone finds the scale of a known mean error; and in the method: the
-defaults are today's (parameters and losses bit for bit), the learned decoder starts at the fixed
-one's bound, learns on every step without touching the network's gradient, and the bound uses it.
+defaults are today's (parameters bit for bit; the loss is L_simple, recomputed in float64 from the
+network's output), the learned decoder's L_0 and its scale's gradient match float64 NumPy (Ho et
+al.'s step-1 posterior mean and a discretized Gaussian; central differences), it learns on every
+step without touching the network's gradient, and the bound uses it.
 """
 
 import functools
+import math
 
 import jax
 import jax.numpy as jnp
@@ -151,9 +154,38 @@ def _batch(size=6):
     return x, keys
 
 
+def _betas64(T=4):
+    """Ho et al.'s linear betas 1e-4..0.02, rescaled by 1000 / T and clipped at 0.999, float64."""
+    return np.minimum(np.linspace(0.1 / T, 20.0 / T, T), 0.999)
+
+
+def _unet_fn(params):
+    """The network alone (what both decoders share): eps_hat(x_t, t) at float32 inputs, as float64."""
+    apply = jax.jit(functools.partial(create_unet(_config().model, 8, 1).apply, train=False))
+    return lambda xt, t: np.asarray(
+        apply({"params": params}, jnp.asarray(xt, jnp.float32), jnp.asarray(t, jnp.int32)), np.float64
+    )
+
+
+def _simple_loss64(net, x, t, noise):
+    """L_simple (Ho et al. eq. 14) per example: mean of (eps - eps_hat(sqrt(abar_t) x + sqrt(1 - abar_t) eps, t))^2."""
+    x, noise, abar = np.asarray(x, np.float64), np.asarray(noise, np.float64), np.cumprod(1.0 - _betas64())
+    a, s = (np.sqrt(v[np.asarray(t)])[:, None, None, None] for v in (abar, 1.0 - abar))
+    return ((noise - net(a * x + s * noise, t)) ** 2).reshape(x.shape[0], -1).mean(1)
+
+
+def _decoder_mean64(net, x, noise):
+    """The t = 0 decoder's mean at x_1 = sqrt(alpha_1) x + sqrt(beta_1) eps: the posterior mean of step 1,
+    (x_1 - beta_1 / sqrt(1 - abar_1) eps_hat) / sqrt(alpha_1) (Ho et al. eq. 11; abar_1 = alpha_1 = 1 - beta_1)."""
+    x, noise, beta = np.asarray(x, np.float64), np.asarray(noise, np.float64), _betas64()[0]
+    x1 = math.sqrt(1.0 - beta) * x + math.sqrt(beta) * noise
+    return (x1 - math.sqrt(beta) * net(x1, np.zeros(x.shape[0], np.int32))) / math.sqrt(1.0 - beta)
+
+
 def test_defaults_are_todays_parameters_and_losses():
     """The defaults build the bare UNet with today's initial draws (so the main job's params hash does not
-    move), and the method's training loss is the core's, called as before, bit for bit."""
+    move), and the method's training loss is L_simple: float64 from the network's output and Ho et al.'s
+    formulas (schedule, x_t), so a 1% error in the loss is 1000 times the tolerance."""
     config = _config()
     assert (config.diffusion.decoder, config.diffusion.condition_on, config.diffusion.prior_loss) == (
         "fixed",
@@ -172,13 +204,10 @@ def test_defaults_are_todays_parameters_and_losses():
     inputs = method.draw_training_inputs(keys, x, None, position=(jnp.arange(6), 6))
     assert set(inputs) == {"t", "weights", "noise"}
     terms = jax.jit(method.loss_terms)(params, x, inputs)
-    model_fn = lambda xt, t: unet.apply({"params": params}, xt, t, train=False)
-    want = jax.jit(lambda p: diffusion.training_losses(method.schedule(p), model_fn, x, inputs["t"], inputs["noise"]))(
-        params
-    )
-    assert set(terms) == set(want)
-    for k in want:
-        np.testing.assert_array_equal(terms[k], want[k])
+    assert set(terms) == {"loss", "mse"}
+    want = _simple_loss64(_unet_fn(params), x, inputs["t"], inputs["noise"])  # float64, from Ho et al.'s formulas
+    np.testing.assert_allclose(terms["mse"], want, rtol=1e-5)
+    np.testing.assert_array_equal(terms["loss"], terms["mse"])
 
 
 def test_learned_decoder_in_the_method():
@@ -204,17 +233,28 @@ def test_learned_decoder_in_the_method():
 
     g_fixed, t_fixed = grads(fixed, p_fixed)
     g_learned, t_learned = grads(learned, p_learned)
-    # The loss's value is today's; the extra term is L_0 on decoder_batch examples at t = 0 (reported).
+    # The loss's value is today's (L_simple, float64 from the network's output); the extra term is L_0 on
+    # decoder_batch examples at t = 0 (reported), float64 from the same network output.
+    net = _unet_fn(p_fixed)
+    np.testing.assert_allclose(t_fixed["loss"], _simple_loss64(net, x, inputs["t"], inputs["noise"]), rtol=1e-5)
     np.testing.assert_array_equal(t_learned["loss"], t_fixed["loss"])
-    want_l0 = jax.jit(
-        lambda p, scale: diffusion.decoder_bpd(
-            sched, fixed.model_fn(p), x[:3], inputs["noise_0"][:3], decoder_log_scale=scale
-        )
-    )(p_fixed, learned.decoder_log_scale(p_learned))
-    np.testing.assert_allclose(t_learned["decoder_bpd"], jnp.full(6, jnp.mean(want_l0)), rtol=1e-6)
+    beta = _betas64()
+    log_scale = 0.5 * math.log(beta[1] * beta[0] / (1.0 - (1.0 - beta[0]) * (1.0 - beta[1])))  # step 2's posterior
+    mean = _decoder_mean64(net, x[:3], inputs["noise_0"][:3])
+
+    def l0(log_scale):
+        return _numpy_decoder_bpd(x[:3], mean, np.full(mean.shape, log_scale)).mean()
+
+    np.testing.assert_allclose(t_learned["decoder_bpd"], np.full(6, l0(log_scale)), rtol=2e-5)
+    # Its gradient reaches the scale's parameter only, weighted: d loss / d param = w * rate * d L_0 / d log_scale.
+    h = 1e-5
+    g_want = (
+        ddpm.DECODER_LOSS_WEIGHT * learned_schedule.DECODER_RATE * (l0(log_scale + h) - l0(log_scale - h)) / (2 * h)
+    )
     # The scale learns on every step; the network's gradient is the one it has without the decoder.
     g_scale = g_learned[learned_schedule.DECODER_PARAM]
-    assert g_scale.shape == (1,) and float(jnp.abs(g_scale[0])) > 0
+    assert g_scale.shape == (1,) and abs(g_want) > 1e-3
+    np.testing.assert_allclose(g_scale[0], g_want, rtol=2e-4)
     jax.tree_util.tree_map(
         functools.partial(np.testing.assert_allclose, rtol=1e-6, atol=1e-9), g_learned["network"], g_fixed
     )

@@ -17,7 +17,7 @@ import jax
 import numpy as np
 import pytest
 
-from ddpm_jax.data import pipeline
+from ddpm_jax.data import pipeline, splits
 from ddpm_jax.evaluation import report
 from ddpm_jax.training import checkpoint, distributed, train_lib
 
@@ -40,7 +40,7 @@ def _reference_params(config, data_dir, compiled, steps):
     rstate = distributed.replicate(state)
     streams = [
         pipeline.train_batches(
-            pipeline.load_images("digits", config.data.train_split, data_dir, i, 2),
+            splits.load_train(config, process_index=i, process_count=2),  # the training set: train less the holdout
             config.training.batch_size,
             config.seed,
             num_local_devices=2,
@@ -118,6 +118,6 @@ def test_two_processes_preempted_resume_and_match_one_process(data_dir, steps_fo
     # Only process 0 wrote: one record per log step, and the pictures.
     records = [json.loads(line) for line in open(os.path.join(workdir, "metrics.jsonl"))]
     assert [r["step"] for r in records if "loss" in r] == list(range(log_every, steps + 1, log_every))
-    assert sum("test_loss" in r for r in records) == 1
+    assert sum("val_loss" in r for r in records) == 1
     assert os.path.exists(os.path.join(workdir, "samples.png"))
     assert "samples_png" in texts[0] and "samples_png" not in texts[1]

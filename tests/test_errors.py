@@ -184,8 +184,8 @@ def test_sample_errors(trained, tmp_path):
     os.makedirs(os.path.join(empty, "checkpoints"))
     with pytest.raises(CheckpointError, match=r"holds no checkpoint: train first \(python train.py"):
         load_run(empty)
-    with pytest.raises(ConfigError, match=r"which='best': use 'ema' or 'raw'"):
-        load_run(trained[0], which="best")
+    with pytest.raises(ConfigError, match=r"which='latest': use 'ema', 'raw' or 'best'"):
+        load_run(trained[0], which="latest")
     for num in (-3, 0, 2.5, "7"):
         with pytest.raises(ValueError, match=r"--num must be a whole number >= 1"):
             sample_lib.sample_from_workdir(trained[0], num)

@@ -243,4 +243,4 @@ def test_training_run_writes_grids_and_one_session(tmp_path, data_dir, steps_for
     assert session["training.num_train_steps"] == 12 and session["data.data_dir"] == data_dir
     records = [json.loads(line) for line in open(os.path.join(workdir, "metrics.jsonl"))]
     assert [r["step"] for r in records if "loss" in r] == [2, 4, 6, 8, 10, 12]  # the resume rewrote nothing twice
-    assert {e.step for e in acc.Tensors("test_loss")} == {12}
+    assert {e.step for e in acc.Tensors("val_loss")} == {12}

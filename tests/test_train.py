@@ -23,6 +23,7 @@ from ddpm_jax.configs import ddpm as ddpm_config
 from ddpm_jax.data import pipeline
 from ddpm_jax.evaluation import plots, report, sample_lib
 from ddpm_jax.training import checkpoint, distributed, loop, train_lib
+from ddpm_jax.training.flat_state import FlatLayout
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -128,7 +129,7 @@ def test_resume_is_exact(tmp_path, data_dir, steps_for):
     )
     assert os.path.exists(os.path.join(straight, "samples.png"))
     records = [json.loads(line) for line in open(os.path.join(straight, "metrics.jsonl"))]
-    assert any("test_loss" in r for r in records) and any("steps_per_sec" in r for r in records)
+    assert any("val_loss" in r for r in records) and any("steps_per_sec" in r for r in records)
 
 
 def _grid_cells(png, num, size=8):
@@ -233,7 +234,7 @@ def test_final_evaluators_follow_the_config(data_dir):
     config = tiny_config(data_dir)
     assert report.final_evaluators(config) == ["samples", "curves"]  # tiny_config: final_bpd = False
     config.training.final_bpd = True
-    assert report.final_evaluators(config) == ["samples", "curves", "bound"]
+    assert report.final_evaluators(config) == ["samples", "curves", "val_bound", "bound"]
     assert set(report.final_evaluators(config)) <= set(report.FINAL_EVALUATORS)
 
 
@@ -259,18 +260,22 @@ def test_flat_optimizer_gives_the_same_updates():
         "dense": {"kernel": jnp.asarray(rng.standard_normal((8, 5)), jnp.float32)},
     }
     results = []
+    layout = FlatLayout.of(params)  # the flat train state's (TrainState.to_flat)
     for flatten in (False, True):
         config = ddpm_config.get_config()
         config.optim.flatten = flatten
         tx = train_lib.make_optimizer(config)
-        p, opt_state = params, tx.init(params)
+        form = layout.ravel if flatten else (lambda tree: tree)
+        p = form(params)
+        opt_state = tx.init(p)
         for step in range(5):
             grads = jax.tree_util.tree_map(
-                lambda x, step=step: jnp.asarray(np.random.default_rng(step).standard_normal(x.shape), x.dtype), p
+                lambda x, step=step: jnp.asarray(np.random.default_rng(step).standard_normal(x.shape), x.dtype),
+                params,
             )
-            updates, opt_state = tx.update(grads, opt_state, p)
+            updates, opt_state = tx.update(form(grads), opt_state, p)
             p = optax.apply_updates(p, updates)
-        results.append(p)
+        results.append(layout.unravel(p) if flatten else p)
         # Flat: Adam's moments are one vector of all 336 parameters each; per leaf: one array per leaf.
         sizes = sorted(x.size for x in jax.tree_util.tree_leaves(opt_state) if x.ndim > 0)
         assert sizes == ([336, 336] if flatten else [8, 8, 40, 40, 288, 288])

@@ -29,7 +29,13 @@ score, the difference from the reference cell paired by seed (and for the bound 
 the same t and eps draws per image within a seed), its 95% interval and a verdict: better, worse or
 within noise (ddpm_jax.evaluation.paired says how the interval is made); results_by_seed.csv, every
 run's row; the independent-pixel histogram baseline; {bpd,loss}_vs_step.png, the mean over seeds with
-a min-max band. Everything is on the test split.
+a min-max band.
+
+Splits: every choice is made on the validation split (data.splits: by default a fixed tenth of the train
+split held out), every reported number is measured on the test split. Each run's final report uses the
+EMA params of its best validation eval (training.keep_best; its `selected_step`), the samples scored for
+the Frechet distance are drawn from those params, and the table's best cell (`best_by_val`) is the one with
+the lowest validation bound (val_total_bpd, the same bound as the test one, on the validation images).
 """
 
 from __future__ import annotations
@@ -55,7 +61,9 @@ from ddpm_jax.evaluation import paired, plots
 
 CELL_FILE = "cell.json"
 SEED_MARK = "@seed"  # <cell>@seed<k>: seed k >= 1 of a cell ("@" is refused in cell names)
-SPLIT = "test"  # every number of the tables: the bound, the curves and the Frechet distance's reference
+SPLIT = "test"  # every number the tables measure: the bound, the Frechet distance's reference, FID
+CHOSEN_ON = "validation"  # every choice: each run's checkpoint (keep_best) and the best cell (val_total_bpd)
+BEST_BY = "val_total_bpd"  # the column the best cell has the lowest mean of
 # The metrics compared with the reference cell -> lower is better.
 COMPARED = {"total_bpd": True, "fd": True, "classifier_score": False, "fid": True}
 # The per-run numbers averaged over seeds (mean, and for these the standard error: COMPARED).
@@ -73,6 +81,7 @@ AVERAGED = (
     "inception_score",
     "kid",
     "final_train_loss",
+    "val_total_bpd",  # the selected params' bound on the validation split: what the best cell is chosen by
     "train_time_s",
 )
 
@@ -95,14 +104,17 @@ def _with_comparisons(metrics):
 
 COLUMNS = (  # results.csv: one row per cell
     "cell",
-    *_with_comparisons(m for m in AVERAGED if m != "train_time_s"),
+    *_with_comparisons(m for m in AVERAGED if m not in ("train_time_s", "val_total_bpd")),
     *("steps", "train_time_s", "seeds", "se_over", "split", "num_examples", "overrides"),
+    *("val_total_bpd", "val_total_bpd_se", "val_num_examples", "best_by_val", "chosen_on", "selected_steps"),
 )
 RUN_COLUMNS = (  # results_by_seed.csv: one row per run
     *("cell", "seed_index", "seed", "run", "total_bpd_se"),
     *AVERAGED,
     *("steps", "num_examples", "overrides"),
+    *("val_total_bpd_se", "val_num_examples", "selected_step", "selected_by", "selected_value"),
 )
+RUN_SELECTION = ("val_total_bpd_se", "val_num_examples", "selected_step", "selected_by", "selected_value")
 
 
 def load_grid(path: str) -> dict:
@@ -180,7 +192,8 @@ def run_cell(
     inception_weights: str | None = None,
 ) -> dict | None:
     """Trains and scores seed `seed_index` of one cell in <cells_dir>/<run_name> (or reads its finished
-    row); None when pre-empted. Its samples for the Frechet distance are drawn with key seed_index;
+    row); None when pre-empted. Its samples for the Frechet distance are drawn with key seed_index, from the
+    params its final report used (the best validation eval's with keep_best);
     with inception_weights (a file) also FID, IS and KID of num_samples samples against the test split.
 
     A run folder belongs to one config: the same name with another config is an error, not a reuse.
@@ -215,6 +228,7 @@ def run_cell(
         "config_digest": digest,
     }
     row.update({k: v for k, v in results.items() if k.endswith("_bpd") or k in ("total_bpd_se", "num_examples")})
+    row.update({k: results[k] for k in RUN_SELECTION if k in results})
     records = [r for r in metric_writer.read_metrics(workdir) if "loss" in r]
     if records:
         row["final_train_loss"] = records[-1]["loss"]
@@ -227,6 +241,7 @@ def run_cell(
             fid_args = dict(fid=True, fid_reference=reference, inception_weights=inception_weights, fid_sampler=sampler)
         scored = evaluate.evaluate_workdir(
             workdir,
+            params="best" if results.get("selected_by") in loop.SELECT_BY else "ema",  # the report's params
             bpd=False,
             quality=True,
             num_samples=num_samples,
@@ -260,13 +275,12 @@ def per_image_bound(cells_dir: str, folder: str) -> np.ndarray | None:
 
 
 def histogram_row(config: ml_collections.ConfigDict) -> dict:
-    """The independent-pixel histogram baseline's row (digits: fitted on train, scored on test)."""
+    """The independent-pixel histogram baseline's row (digits: fitted on the training set the models see,
+    data.splits.load_train, and scored on test)."""
     from ddpm_jax.core import baselines
     from ddpm_jax.data import splits
 
-    bpd = baselines.pixel_histogram_bpd(
-        splits.load_split(config, config.data.train_split), splits.load_split(config, config.data.eval_split)
-    )
+    bpd = baselines.pixel_histogram_bpd(splits.load_train(config), splits.load_split(config, config.data.eval_split))
     return {"cell": "baseline: pixel histogram", "total_bpd": bpd, "overrides": "independent per-pixel categorical"}
 
 
@@ -303,8 +317,12 @@ def summarize(
             continue
         seeds = sorted(by_seed)
         first = by_seed[seeds[0]]
-        row = {"cell": name, "seeds": len(seeds), "split": SPLIT}
-        row.update({k: first[k] for k in ("steps", "num_examples", "overrides") if k in first})
+        row = {"cell": name, "seeds": len(seeds), "split": SPLIT, "chosen_on": CHOSEN_ON}
+        row.update({k: first[k] for k in ("steps", "num_examples", "overrides", "val_num_examples") if k in first})
+        if any("selected_step" in by_seed[s] for s in seeds):
+            row["selected_steps"] = "/".join(str(by_seed[s].get("selected_step", "")) for s in seeds)
+        if len(seeds) == 1 and _finite(first.get("val_total_bpd_se")):
+            row["val_total_bpd_se"] = first["val_total_bpd_se"]
         for metric in AVERAGED:
             values = [by_seed[s][metric] for s in seeds if _finite(by_seed[s].get(metric))]
             if values:
@@ -316,6 +334,8 @@ def summarize(
             row["total_bpd_se"], row["se_over"] = first["total_bpd_se"], "test images (1 seed)"
         else:
             row["se_over"] = "seeds"
+            if "val_total_bpd" in row and len(seeds) > 1:
+                row["val_total_bpd_se"] = paired.mean_se(list(_values(by_seed, "val_total_bpd").values()))[1]
         for metric, lower_is_better in COMPARED.items():
             if metric not in row:
                 continue
@@ -344,7 +364,15 @@ def summarize(
                 }
             )
         table.append(row)
+    mark_best(table)
     return table
+
+
+def mark_best(table: list[dict]) -> None:
+    """best_by_val = "best" on the row with the lowest BEST_BY (the validation bound), in place; none without it."""
+    scored = [r for r in table if _finite(r.get(BEST_BY))]
+    if scored:
+        min(scored, key=lambda r: r[BEST_BY])["best_by_val"] = "best"
 
 
 def _fmt(value) -> str:
@@ -375,6 +403,9 @@ def _verdict(row: dict, metric: str) -> str:
 MD_COLUMNS = (  # results.md: (header, the cell's text); a column shows where some row has text
     ("cell", lambda r: r["cell"]),
     ("seeds", lambda r: _fmt(r.get("seeds"))),
+    ("val bpd (chooses)", lambda r: _mean_se(r, "val_total_bpd")),
+    ("best by val", lambda r: r.get("best_by_val", "")),
+    ("selected step", lambda r: r.get("selected_steps", "")),
     ("total_bpd", lambda r: _mean_se(r, "total_bpd")),
     ("Δ total_bpd [95%]", lambda r: _difference(r, "total_bpd")),
     ("bpd verdict", lambda r: _verdict(r, "total_bpd")),
@@ -404,9 +435,15 @@ def table_notes(grid_name: str, reference: str, rows: list[dict]) -> str:
     images = sorted({r["num_examples"] for r in rows if "num_examples" in r})
     n = "/".join(map(str, seeds)) or "?"
     split = f"the {SPLIT} split" + (f" ({'/'.join(map(str, images))} images)" if images else "")
+    val = sorted({r["val_num_examples"] for r in rows if "val_num_examples" in r})
+    val_split = f"the {CHOSEN_ON} split" + (f" ({'/'.join(map(str, val))} images)" if val else "")
     return (
-        f"# {grid_name}: {n} seed(s) per cell, {split}\n\n"
-        f"Every number is on {split} (the Frechet distance: samples against its images). A value is the mean "
+        f"# {grid_name}: {n} seed(s) per cell, chosen on {val_split}, measured on {split}\n\n"
+        f"Chosen on {val_split} (held out of the train split, ddpm_jax/data/splits.py): each run's checkpoint "
+        "(the EMA params of its lowest validation bound estimate, `selected step`) and the best cell (`best by "
+        "val`: the lowest `val bpd`, the selected params' bound on the validation images). Measured on "
+        f"{split}: every other number (the Frechet distance: samples of the selected params against its "
+        "images). A value is the mean "
         "± standard error over the cell's seeds (a cell with 1 seed: total_bpd ± the bound's standard error "
         f"over test images, which ignores seed noise). Δ: the cell minus the reference cell `{reference}`, "
         "paired by seed (the same config.seed: init, data order, noise) and, for the bound, by test image "
@@ -448,13 +485,14 @@ def plot_vs_step(
     runs: dict[str, list[str]],
     cells_dir: str,
     path: str,
-    key: str,
+    key: str | tuple[str, ...],
     ylabel: str,
     title: str,
     final_key: str | None = None,
 ) -> str | None:
-    """metrics.jsonl's `key` against step, per cell (cell -> its runs' folders) the mean over its seeds
-    with a min-max band (log y), at the steps every seed has; `final_key`'s last value, if given, as a
+    """metrics.jsonl's `key` (a tuple: a run's first key that it has, e.g. val_bpd_est, else test_bpd_est
+    for runs from before the validation split) against step, per cell (cell -> its runs' folders) the mean
+    over its seeds with a min-max band (log y), at the steps every seed has; `final_key`'s last value, if given, as a
     marker (mean, min-max bar). Returns the path, or None when no cell has the key."""
     import matplotlib
 
@@ -463,13 +501,15 @@ def plot_vs_step(
 
     from ddpm_jax.training import metric_writer
 
+    keys = (key,) if isinstance(key, str) else tuple(key)
     fig, ax = plt.subplots(figsize=(7, 4.5))
     plotted = False
     for name, folders in runs.items():
         curves, finals = [], []
         for folder in folders:
             records = metric_writer.read_metrics(fileio.as_path(cells_dir) / folder)
-            curve = {r["step"]: r[key] for r in records if _finite(r.get(key))}
+            have = next((k for k in keys if any(_finite(r.get(k)) for r in records)), keys[0])
+            curve = {r["step"]: r[have] for r in records if _finite(r.get(have))}
             if curve:
                 curves.append(curve)
             final = [(r["step"], r[final_key]) for r in records if final_key and _finite(r.get(final_key))]
@@ -508,8 +548,9 @@ def plot_vs_step(
 
 
 def plot_grid_curves(runs: dict[str, list[str]], cells_dir: str, out: str) -> list[str]:
-    """<out>/bpd_vs_step.png (the test bound) and <out>/loss_vs_step.png (the train loss), one curve
-    per cell: the mean over its seeds, a min-max band."""
+    """<out>/bpd_vs_step.png (the validation bound's estimate at each eval, the final test bound of the
+    selected params as a dot) and <out>/loss_vs_step.png (the train loss), one curve per cell: the mean
+    over its seeds, a min-max band."""
     counts = sorted({len(f) for f in runs.values() if f})
     seeds = f"{'/'.join(map(str, counts))} seed(s) per cell: line, the mean; band and bar, min-max over seeds"
     made = [
@@ -517,9 +558,10 @@ def plot_grid_curves(runs: dict[str, list[str]], cells_dir: str, out: str) -> li
             runs,
             cells_dir,
             fileio.as_path(out) / "bpd_vs_step.png",
-            "test_bpd_est",
-            f"{SPLIT} bound [bits/dim]",
-            f"{SPLIT} split bound: lines, 20-strata estimate at each eval; dots, the final bound\n{seeds}",
+            ("val_bpd_est", "test_bpd_est"),
+            "bound [bits/dim]",
+            f"lines: the {CHOSEN_ON} bound's 20-strata estimate at each eval (test in runs before the validation "
+            f"split); dots: the final {SPLIT} bound of the selected params\n{seeds}",
             final_key="test_total_bpd",
         ),
         plot_vs_step(

@@ -1,11 +1,17 @@
-"""Evaluates a trained run: the test bound in bits/dim (all T terms) and sample quality.
+"""Evaluates a trained run: the test (or validation) bound in bits/dim (all T terms) and sample quality.
 
-    python -m ddpm_jax.evaluate --workdir=runs/default [--params=ema|raw] [--num_samples=500]
-        [--sampler=respaced --steps=100] [--nobpd] [--noquality] [--ode_images=297 --ode_steps=64]
+    python -m ddpm_jax.evaluate --workdir=runs/default [--params=ema|raw|best] [--split=test|validation]
+        [--num_samples=500] [--sampler=respaced --steps=100] [--nobpd] [--noquality]
+        [--ode_images=297 --ode_steps=64]
         [--fid [--fid_reference=cifar10:train|folder:PATH|stats.npz] [--inception_weights=PATH]]
 
-Writes <workdir>/eval/<params>.json (and the per-t plot bpd_terms_<params>.png, the grid of the
-samples scored, samples_<params>.png) and prints the numbers. Sample quality for the digits is the
+--split chooses the split the bound and the ODE NLL are computed on: "test" (the default: the number to
+report, once, for the chosen params) or "validation" (the run's validation split, data.splits: for
+choices, e.g. of a sampler or a checkpoint). --params=best scores the EMA params the run kept for its
+best validation value (training.keep_best: what its final report used).
+
+Writes <workdir>/eval/<params>.json (<params>_validation.json for --split=validation; and the per-t plot
+bpd_terms_<params>.png, the grid of the samples scored, samples_<params>.png) and prints the numbers. Sample quality for the digits is the
 digits-classifier Fréchet distance ("fd": a small classifier's feature space, not FID), its
 classifier score, and the train-vs-test floor. --fid scores num_samples samples drawn with the run's
 default sampler (or --sampler where given) by FID, Inception Score and KID against the reference's
@@ -28,6 +34,8 @@ from ddpm_jax.evaluation import plots, report, sample_lib
 from ddpm_jax.run import WHICH, load_run
 from ddpm_jax.training import distributed, train_lib
 
+SPLITS = ("test", "validation")  # --split
+
 
 def evaluate_workdir(
     workdir: str,
@@ -48,6 +56,7 @@ def evaluate_workdir(
     fid_reference=None,
     inception_weights: str | None = None,
     fid_sampler: str | None = None,
+    split: str = "test",
 ) -> dict:
     """Scores the latest checkpoint of workdir; returns (and writes) a flat dict of numbers.
 
@@ -57,7 +66,11 @@ def evaluate_workdir(
     sampler, its full chain; a name: that sampler with num_steps and eta) against fid_reference
     (a spec, fid_reference.parse_spec, or a Spec; None: the run's train split), with the Inception weights file
     inception_weights (None: inception_weights.resolve_inception_weights).
+    split: "test" (config.data.eval_split) or "validation" (data.splits.load_validation): the bound's and
+    the ODE NLL's images.
     """
+    if split not in SPLITS:
+        raise ConfigError(f"split={split!r}: use 'test' (the number to report) or 'validation' (for choices).")
     run = load_run(workdir, which=params)
     config, method = run.config, run.method
     if quality and config.data.dataset == "digits":  # the feature network first: trained once, then cached
@@ -85,31 +98,36 @@ def evaluate_workdir(
     weights = distributed.replicate(run.params)
     out_dir = fileio.as_path(workdir) / "eval"
     out_dir.mkdir(parents=True, exist_ok=True)
-    result = {"workdir": workdir, "step": run.step, "params": params}
+    result = {"workdir": workdir, "step": run.step, "params": params, "split": split}
+    suffix = "" if split == "test" else f"_{split}"
     rng = jax.random.PRNGKey(seed)
     start = time.time()
-    test_images = None
+    images = None
     if bpd or ode_images:  # the input pipeline only when a split is read
         from ddpm_jax.data import splits
 
-        test_images = splits.load_split(config, config.data.eval_split)
+        images = (
+            splits.load_split(config, config.data.eval_split) if split == "test" else splits.load_validation(config)
+        )
     if bpd:
         batch = bpd_batch_size or config.training.bpd_batch_size or config.training.batch_size
-        numbers = report.evaluate_bpd(steps.p_bpd, weights, test_images, config, rng, batch_size=batch)
+        numbers = report.evaluate_bpd(
+            steps.p_bpd, weights, images, config, rng, batch_size=batch, progress=f"{split} bits/dim"
+        )
         if "vb_per_t" in numbers:
             plots.plot_vb_terms(
                 numbers.pop("vb_per_t"),
-                out_dir / f"bpd_terms_{params}.png",
-                f"test bound: {numbers['total_bpd']:.3f} bits/dim",
+                out_dir / f"bpd_terms_{params}{suffix}.png",
+                f"{split} bound: {numbers['total_bpd']:.3f} bits/dim",
             )
         result.update(numbers, bpd_time_s=time.time() - start, bpd_method=method.bound_description(strata))
-    if ode_images:  # the probability-flow ODE NLL of the first ode_images test images (ddpm_jax.evaluation.ode_eval)
+    if ode_images:  # the probability-flow ODE NLL of the split's first ode_images images (evaluation.ode_eval)
         from ddpm_jax.evaluation import ode_eval
 
         start = time.time()
         result.update(
             ode_eval.ode_nll_over_images(
-                method, run.params, test_images[:ode_images], jax.random.fold_in(rng, 2), num_steps=ode_steps
+                method, run.params, images[:ode_images], jax.random.fold_in(rng, 2), num_steps=ode_steps
             )
         )
         result["ode_time_s"] = time.time() - start
@@ -134,7 +152,7 @@ def evaluate_workdir(
         result.update(numbers)
         if distributed.is_main_process():
             write_fid_to_run(workdir, run.step, params, numbers)
-    fileio.atomic_write_json(out_dir / f"{params}.json", result)
+    fileio.atomic_write_json(out_dir / f"{params}{suffix}.json", result)
     return result
 
 
@@ -168,8 +186,16 @@ def sample_quality(config, samples, seed: int = 0) -> dict:
 def cli_main() -> None:
     """The command line (flags are defined here, not at import, so the library imports cleanly)."""
     _WORKDIR = flags.DEFINE_string("workdir", "runs/default", "A workdir that train.py wrote.")
-    _PARAMS = flags.DEFINE_enum("params", "ema", list(WHICH), "Score the EMA or the raw parameters.")
-    _BPD = flags.DEFINE_bool("bpd", True, "Compute the test-split bound (all T terms).")
+    _PARAMS = flags.DEFINE_enum(
+        "params", "ema", list(WHICH), "Score the EMA or the raw parameters, or the best EMA ones (keep_best)."
+    )
+    _SPLIT = flags.DEFINE_enum(
+        "split",
+        "test",
+        list(SPLITS),
+        "The split of the bound and the ODE NLL: test (the number to report) or validation (for choices).",
+    )
+    _BPD = flags.DEFINE_bool("bpd", True, "Compute the bound on --split (all T terms).")
     _QUALITY = flags.DEFINE_bool(
         "quality", True, "Draw samples and compute the digits-classifier Fréchet distance (digits only; not FID)."
     )
@@ -195,7 +221,7 @@ def cli_main() -> None:
     _ODE = flags.DEFINE_integer(
         "ode_images",
         0,
-        "Also the probability-flow ODE NLL of this many test images (0: off; VDM, eps-DDPM).",
+        "Also the probability-flow ODE NLL of this many images of --split (0: off; VDM, eps-DDPM).",
         lower_bound=0,
     )
     _ODE_STEPS = flags.DEFINE_integer("ode_steps", 64, "RK4 steps of the ODE NLL.", lower_bound=1)
@@ -234,6 +260,7 @@ def cli_main() -> None:
             fid_reference=_FID_REF.value,
             inception_weights=_INCEPTION.value,
             fid_sampler=_SAMPLER.value if flags.FLAGS["sampler"].present else None,
+            split=_SPLIT.value,
         )
         print(json.dumps(result, indent=2))
 

@@ -8,6 +8,8 @@ References:
   Ho, Jain, Abbeel. Denoising Diffusion Probabilistic Models (2020), eqs. 4-14.
   Nichol, Dhariwal. Improved Denoising Diffusion Probabilistic Models (2021).
   Salimans, Ho. Progressive Distillation (2022) for the v-parameterization.
+  Kingma, Salimans, Poole, Ho. Variational Diffusion Models (2021), eq. 13; Kingma, Gao.
+    Understanding Diffusion Objectives as the ELBO with Simple Data Augmentation (2023), for chain_weights.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from ddpm_jax.core import weighting
 from ddpm_jax.core.schedules import Schedule
 
 PARAMETERIZATIONS = ("eps", "x0", "v", "mean")
@@ -343,6 +346,45 @@ def decoder_bpd(
     return vb_terms_bpd(sched, x0, xt, t, out["mean"], out["log_variance"], decoder_log_scale)
 
 
+def chain_weights(sched: Schedule, name: str, *, bias: float = weighting.SIGMOID_BIAS) -> np.ndarray:
+    """[T] float64 weights w_t of the bound's terms: the discrete chain's form of core.weighting's family.
+
+    With the posterior variance (fixed_small), L_{t-1} = 0.5 (SNR_{t-1} - SNR_t) ||x_0 - x0_hat||^2
+    = 0.5 expm1(lambda_{t-1} - lambda_t) ||eps - eps_hat||^2 (VDM eq. 13; lambda_t = log SNR_t, SNR_t =
+    a_t^2 / s_t^2), whatever the network predicts. So with the chain's rate r_t = T expm1(lambda_{t-1} -
+    lambda_t) (= 2 T omega'_t, the lecture's eps weight; -> -d lambda / d(t/T) as T grows), T L_{t-1} =
+    0.5 r_t ||eps - eps_hat||^2 exactly, the discrete form of 0.5 (-d lambda/dt) ||eps - eps_hat||^2, and
+    w_t = w(lambda_t, r_t) makes T w_t L_{t-1} exactly 0.5 ||eps - eps_hat||^2 ("eps", Ho et al.'s
+    L_simple), 0.5 ||x_0 - x0_hat||^2 ("x0"), 0.5 ||v - v_hat||^2 ("v", VP), each over the normalising
+    mean; "elbo" is 1 (the bound).
+
+    Normalised to mean 1 over the KL terms t = 1..T-1 (so over uniform t in 0..T-1 too); w_0 = 1: the
+    decoder's L_0 is a likelihood of the data, not a denoising term, and has no rate (SNR_{-1} is infinite).
+
+    Args:
+      sched: a fixed (concrete) schedule.
+      name: one of weighting.WEIGHTINGS.
+      bias: b of "sigmoid".
+    """
+    if name not in weighting.WEIGHTINGS:
+        raise ValueError(f"unknown weighting {name!r}; valid values are {', '.join(weighting.WEIGHTINGS)}.")
+    if isinstance(sched.alphas_cumprod, jax.core.Tracer):
+        raise ValueError("chain_weights needs a fixed schedule's concrete tables, not a traced (learned) one.")
+    T = sched.num_timesteps
+    weights = np.ones(T)
+    if name == "elbo" or T == 1:
+        return weights
+    a = np.asarray(sched.sqrt_alphas_cumprod, np.float64)
+    s = np.asarray(sched.sqrt_one_minus_alphas_cumprod, np.float64)
+    log_snr = 2.0 * (np.log(a) - np.log(s))
+    rate = T * np.expm1(log_snr[:-1] - log_snr[1:])  # r_t for t = 1..T-1
+    # weight_fn's own normalising constant cancels in the mean below.
+    w = weighting.weight_fn(name, float(log_snr[-1]), float(log_snr[0]), bias=bias)
+    raw = np.asarray(w(jnp.asarray(log_snr[1:], jnp.float32), jnp.asarray(rate, jnp.float32)), np.float64)
+    weights[1:] = raw / np.mean(raw)
+    return weights
+
+
 def training_losses(
     sched: Schedule,
     model_fn: ModelFn,
@@ -354,6 +396,7 @@ def training_losses(
     variance: str = "fixed_small",
     loss_type: str = "simple",
     decoder_log_scale=None,
+    weights=None,
 ) -> dict:
     """Per-example training loss and its parts.
 
@@ -374,6 +417,8 @@ def training_losses(
       x0: [B, H, W, C] data in [-1, 1]; t: [B] int; noise: like x0.
       parameterization, variance, loss_type: see module constants.
       decoder_log_scale: None, or a learned t = 0 decoder's log std (scalar or [C]); see vb_terms_bpd.
+      weights: None (the bound's weight 1), or [T] w_t (chain_weights) for "vlb" and "weighted": the loss
+        is then T w_t L_t, while "vb" stays the bound's L_t.
 
     Returns:
       dict of [B] arrays: "loss", "mse", and "vb" (bits/dim of L_t) where the loss uses it.
@@ -387,6 +432,11 @@ def training_losses(
             f"variance={variance!r} is trained only by the bound: use loss_type 'hybrid' or "
             f"'vlb', or a fixed variance with loss_type={loss_type!r}."
         )
+    if weights is not None and loss_type not in ("vlb", "weighted"):
+        raise ValueError(
+            f"weights reweigh the bound's terms: use loss_type 'vlb' or 'weighted', not {loss_type!r} "
+            "(L_simple is the 'eps' weighting already)."
+        )
     xt = q_sample(sched, x0, t, noise)
     model_output = model_fn(xt, t)
     output, var_output = split_variance_output(model_output, variance)
@@ -394,6 +444,7 @@ def training_losses(
     target = regression_target(sched, x0, xt, t, noise, parameterization)
     terms = {"mse": mean_flat((target - output) ** 2)}
     T = sched.num_timesteps
+    scale = T if weights is None else T * jnp.asarray(weights, x0.dtype)[t]  # T w_t
 
     if loss_type == "simple":
         terms["loss"] = terms["mse"]
@@ -415,7 +466,7 @@ def training_losses(
             decoder_log_scale,
         )
         terms["vb"] = jnp.where(t == 0, decoder, weighted)
-        terms["loss"] = T * terms["vb"]
+        terms["loss"] = scale * terms["vb"]
         return terms
     # vlb / hybrid: the exact Gaussian KL terms.
     if loss_type == "hybrid":
@@ -424,7 +475,7 @@ def training_losses(
     out = p_mean_variance(sched, model_output, xt, t, parameterization, variance)
     terms["vb"] = vb_terms_bpd(sched, x0, xt, t, out["mean"], out["log_variance"], decoder_log_scale)
     if loss_type == "vlb":
-        terms["loss"] = T * terms["vb"]
+        terms["loss"] = scale * terms["vb"]
     else:
         terms["loss"] = terms["mse"] + HYBRID_VLB_WEIGHT * T * terms["vb"]
     return terms

@@ -107,6 +107,17 @@ def prior_loss(gamma_1: jnp.ndarray, x0: jnp.ndarray) -> jnp.ndarray:
     return _sum_flat(0.5 * (jax.nn.sigmoid(-g1) * (x0**2 - 1.0) + jax.nn.softplus(-g1)))
 
 
+def _squared_error(gamma_fn: GammaFn, eps_fn: EpsFn, x0: jnp.ndarray, t: jnp.ndarray, eps: jnp.ndarray):
+    """(gamma(t), gamma'(t), ||eps - eps_hat(z_t; t)||^2) per example: one network call, one jvp."""
+    chex.assert_equal_shape([x0, eps])
+    chex.assert_rank(t, 1)
+    gamma, dgamma = jax.jvp(gamma_fn, (t,), (jnp.ones_like(t),))
+    alpha, sigma = alpha_sigma(_bcast(gamma, x0))
+    eps_hat = eps_fn(alpha * x0 + sigma * eps, t)
+    chex.assert_equal_shape([eps_hat, x0])
+    return gamma, dgamma, _sum_flat((eps - eps_hat) ** 2)
+
+
 def diffusion_loss(gamma_fn: GammaFn, eps_fn: EpsFn, x0: jnp.ndarray, t: jnp.ndarray, eps: jnp.ndarray) -> jnp.ndarray:
     """The continuous-time diffusion loss at one t per example (nats), VDM eq. 17:
 
@@ -119,13 +130,17 @@ def diffusion_loss(gamma_fn: GammaFn, eps_fn: EpsFn, x0: jnp.ndarray, t: jnp.nda
       gamma_fn, eps_fn: see the module docstring.
       x0: [B, H, W, C]; t: [B] floats in [0, 1]; eps: like x0.
     """
-    chex.assert_equal_shape([x0, eps])
-    chex.assert_rank(t, 1)
-    gamma, dgamma = jax.jvp(gamma_fn, (t,), (jnp.ones_like(t),))
-    alpha, sigma = alpha_sigma(_bcast(gamma, x0))
-    eps_hat = eps_fn(alpha * x0 + sigma * eps, t)
-    chex.assert_equal_shape([eps_hat, x0])
-    return 0.5 * dgamma * _sum_flat((eps - eps_hat) ** 2)
+    _, dgamma, sq = _squared_error(gamma_fn, eps_fn, x0, t, eps)
+    return 0.5 * dgamma * sq
+
+
+def weighted_diffusion_loss(gamma_fn: GammaFn, eps_fn: EpsFn, x0, t, eps, weight_fn) -> tuple[jnp.ndarray, jnp.ndarray]:
+    """(diffusion_loss, its weighted form) at one t per example (nats), from one network call:
+    0.5 gamma'(t) ||eps - eps_hat||^2 and the same times w(lambda_t, gamma'(t)), lambda = -gamma
+    (`ddpm_jax.core.weighting`: Kingma & Gao's family; w = 1 is the ELBO)."""
+    gamma, dgamma, sq = _squared_error(gamma_fn, eps_fn, x0, t, eps)
+    elbo = 0.5 * dgamma * sq
+    return elbo, weight_fn(-gamma, dgamma) * elbo
 
 
 # --- samplers of t, the bound and the training loss ------------------------------------------

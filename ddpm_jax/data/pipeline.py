@@ -286,6 +286,27 @@ def load_images(
     return streamed if not in_memory else streamed[:]
 
 
+def shard_offsets(
+    dataset: str, split: str, data_dir: str | None = None, process_count: int | None = None
+) -> np.ndarray:
+    """int64 [process_count + 1]: process i's shard of a split (load_images) is the split's images
+    offsets[i]..offsets[i + 1] - 1 in their stored order; offsets[-1] is the whole split's size.
+
+    tfds: the sizes of tfds.even_splits(split, process_count), read from the builder's split metadata
+    (the builder must be prepared: call load_images first); folders: np.array_split of the sorted files.
+    """
+    process_count = jax.process_count() if process_count is None else process_count
+    folder = sources.folder_path(dataset)
+    if folder is not None:
+        total = len(sources.folder_split_files(folder, split))
+        sizes = [len(part) for part in np.array_split(np.arange(total), process_count)]
+    else:
+        info = _builder(dataset, data_dir).info.splits
+        parts = [split] if process_count == 1 else tfds.even_splits(split, process_count)
+        sizes = [info[part].num_examples for part in parts]
+    return np.concatenate([[0], np.cumsum(sizes)]).astype(np.int64)
+
+
 # ----------------------------------------------------------------------------- batching
 
 

@@ -179,6 +179,17 @@ class StreamedSplit:
             f.result()
         return out
 
+    def subset(self, index) -> StreamedSplit:
+        """The images at these positions (int [k]), in this order, as a StreamedSplit of k images that reads only
+        them (the validation holdout's two sides, data.splits); errors still name the original image."""
+        index = np.asarray(index, np.int64)
+        return dataclasses.replace(
+            self,
+            num_images=len(index),
+            records=lambda i: self.records(index[i]),
+            describe=lambda i: self.describe(int(index[i])),
+        )
+
     def __getitem__(self, key):
         if not isinstance(key, slice):
             raise TypeError(f"StreamedSplit supports slices (split[a:b]), not {key!r}; use read(index).")

@@ -183,21 +183,27 @@ def _curves(ax, records, keys, labels=None) -> bool:
 
 LOSS_LABELS = {
     "loss": "training loss (one batch per point)",
-    "test_loss": "test loss (test split, EMA params)",
+    "val_loss": "validation loss (validation split, EMA params)",
+    "val_bpd_est": "validation bound, estimate (EMA params)",
+    "test_loss": "test loss (test split, EMA params)",  # runs from before the validation split
     "test_bpd_est": "test bound, estimate (EMA params)",
 }
 BITS_PER_DIM = "bits/dim"
+EVAL_LOSSES = ("val_loss", "test_loss")  # the eval curve: val_ keys, or test_ keys in an older run's records
+EVAL_BOUNDS = ("val_bpd_est", "test_bpd_est")
 
 
 def plot_loss(records: list[dict], path, loss_unit: str = BITS_PER_DIM) -> str | None:
-    """loss.png: the training and test loss against the training step, on a log axis labelled in
+    """loss.png: the training and validation loss against the training step, on a log axis labelled in
     `loss_unit` (the method's `loss_unit()`). A loss in other units (a DDPM's L_simple, an MSE) gets
-    a second panel: the test bound's estimate (`test_bpd_est`) in bits/dim. None without a loss."""
+    a second panel: the validation bound's estimate (`val_bpd_est`) in bits/dim. Records of runs from
+    before the validation split, whose evals are test_loss / test_bpd_est, are drawn the same way.
+    None without a loss."""
     plt = _pyplot()
-    separate = loss_unit != BITS_PER_DIM and any("test_bpd_est" in r for r in records)
+    separate = loss_unit != BITS_PER_DIM and any(k in r for r in records for k in EVAL_BOUNDS)
     fig, axes = plt.subplots(1, 2 if separate else 1, figsize=(11 if separate else 6, 4), squeeze=False)
     ax = axes[0, 0]
-    if not _curves(ax, records, ["loss", "test_loss"], LOSS_LABELS):
+    if not _curves(ax, records, ["loss", *EVAL_LOSSES], LOSS_LABELS):
         plt.close(fig)
         return None
     _step_x(ax)
@@ -206,10 +212,11 @@ def plot_loss(records: list[dict], path, loss_unit: str = BITS_PER_DIM) -> str |
     ax.legend()
     if separate:
         bound = axes[0, 1]
-        _curves(bound, records, ["test_bpd_est"], LOSS_LABELS)
+        _curves(bound, records, list(EVAL_BOUNDS), LOSS_LABELS)
         _step_x(bound)
         _log_y(bound, BITS_PER_DIM)
-        bound.set_title("negative ELBO on the test split")
+        split = "validation" if any("val_bpd_est" in r for r in records) else "test"
+        bound.set_title(f"negative ELBO on the {split} split")
         bound.legend()
     fig.tight_layout()
     return save_figure(fig, path)

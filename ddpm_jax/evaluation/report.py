@@ -1,13 +1,15 @@
-"""Evaluation of a run's parameters on its test split, and the end-of-run report.
+"""Evaluation of a run's parameters on a split, and the end-of-run report.
 
-The training loop calls `evaluate_loss` at its eval steps and `final_report` once at the end;
+The training loop calls `evaluate_loss` on the validation split at its eval steps and `final_report`
+(the test split) once at the end;
 evaluate.py calls `evaluate_bpd` on a finished run. Every process computes (the bound is a
 collective); process 0 writes the files.
 
 The end-of-run report is a list of small evaluators (`FINAL_EVALUATORS`), each a function of a
 `FinalContext` that writes its files and returns its numbers for results.json; the config chooses
-them (`final_evaluators`): the samples (grid, denoising strip), the curves, and the test bound when
-config.training.final_bpd.
+them (`final_evaluators`): the samples (grid, denoising strip), the curves, and, when
+config.training.final_bpd, the validation bound (val_total_bpd: what ddpm-ablate chooses its best cell by)
+and the test bound (read once, here).
 """
 
 from __future__ import annotations
@@ -33,22 +35,25 @@ if TYPE_CHECKING:  # annotations only
     from ddpm_jax.training.train_lib import CompiledSteps
 
 
-def num_eval_batches(test_images: np.ndarray, global_batch: int) -> int:
+def num_eval_batches(images, global_batch: int) -> int:
     """Batches that cover this process's shard; every process must run the same number of eval
     steps, though their shards can differ by one image."""
-    return distributed.max_over_processes(-(-len(test_images) // (global_batch // jax.process_count())))
+    return distributed.max_over_processes(-(-len(images) // (global_batch // jax.process_count())))
 
 
-def _sum_batches(step_fn, params, test_images, batch_size: int, rng, num_batches: int | None, progress: str = ""):
+def _sum_batches(step_fn, params, images, batch_size: int, rng, num_batches: int | None, progress: str = ""):
+    """Sums of step_fn's outputs over the eval batches of images; batch i gets the key fold_in(rng, i), so
+    every batch draws its own t and eps (one shared key would repeat them by position: their errors would
+    be correlated and the standard error over images understated)."""
     sums = None
     from ddpm_jax.data import pipeline
 
-    batches = pipeline.eval_batches(test_images, batch_size, num_batches=num_batches)
+    batches = pipeline.eval_batches(images, batch_size, num_batches=num_batches)
     if progress:
         batches = iterate(batches, desc=progress, unit="batch", enabled=distributed.is_main_process())
     per_example = []
-    for batch, mask in batches:
-        out = distributed.unreplicate(step_fn(params, batch, mask, rng))
+    for i, (batch, mask) in enumerate(batches):
+        out = distributed.unreplicate(step_fn(params, batch, mask, jax.random.fold_in(rng, i)))
         each = out.pop("per_example", None)  # per-example values (bpd_step): kept in order, not summed
         if each is not None:
             per_example.append(np.asarray(each["total_bpd"], np.float64)[np.asarray(each["mask"]) > 0])
@@ -58,11 +63,12 @@ def _sum_batches(step_fn, params, test_images, batch_size: int, rng, num_batches
     return sums
 
 
-def evaluate_loss(p_eval, params, test_images, config, rng, num_batches: int | None = None) -> dict:
-    """The training loss (and its parts) over the whole test split, per example."""
-    sums = _sum_batches(p_eval, params, test_images, config.training.batch_size, rng, num_batches)
+def evaluate_loss(p_eval, params, images, config, rng, num_batches: int | None = None, prefix: str = "val") -> dict:
+    """The training loss (and its parts, and bpd_est) over a whole split, per example, as {prefix}_<name>:
+    the loop's eval steps run it on the validation split (val_loss, val_bpd_est, ...)."""
+    sums = _sum_batches(p_eval, params, images, config.training.batch_size, rng, num_batches)
     count = sums.pop("count")
-    return {f"test_{k}": float(v / count) for k, v in sums.items()}
+    return {f"{prefix}_{k}": float(v / count) for k, v in sums.items()}
 
 
 def evaluate_bpd(
@@ -74,6 +80,7 @@ def evaluate_bpd(
     batch_size: int | None = None,
     num_batches: int | None = None,
     per_image: bool = False,
+    progress: str = "test bits/dim",
 ) -> dict:
     """Negative ELBO over the whole test split in bits/dim, with its parts (and the per-t terms).
 
@@ -82,7 +89,7 @@ def evaluate_bpd(
     (so the same rng), batch size, device count and bound, two runs draw the same t and eps for an image.
     """
     sums = _sum_batches(
-        p_bpd, params, test_images, batch_size or config.training.batch_size, rng, num_batches, progress="test bits/dim"
+        p_bpd, params, test_images, batch_size or config.training.batch_size, rng, num_batches, progress=progress
     )
     each = sums.pop("per_example_total_bpd", None)
     count = sums.pop("count")
@@ -109,8 +116,9 @@ def params_digest(params) -> str:
 
 @dataclasses.dataclass(frozen=True)
 class FinalContext:
-    """What the end-of-run evaluators read: the run's config, workdir, steps and replicated state,
-    its test split, the evaluation key, the metric writer and the final step."""
+    """What the end-of-run evaluators read: the run's config, workdir, steps and replicated state (its EMA
+    params: the selected ones), its test split, the evaluation key, the metric writer, the final step and
+    the validation split."""
 
     config: ml_collections.ConfigDict
     workdir: epath.Path
@@ -121,6 +129,7 @@ class FinalContext:
     writer: MetricWriter
     step: int
     is_main: bool
+    val_images: Any = None
 
 
 def final_samples(ctx: FinalContext) -> dict:
@@ -193,17 +202,41 @@ def final_bound(ctx: FinalContext) -> dict:
     return {**bpd, "bpd_method": ctx.steps.method.bound_description(config.training.final_bpd_strata)}
 
 
+def final_val_bound(ctx: FinalContext) -> dict:
+    """The EMA params' bound on the validation split, computed like the test bound (final_bound), as
+    val_total_bpd, val_total_bpd_se and val_num_examples: the number a choice between runs is made by."""
+    if ctx.val_images is None:
+        return {}
+    config = ctx.config
+    bpd_batch = config.training.bpd_batch_size or config.training.batch_size
+    bpd = evaluate_bpd(
+        ctx.steps.p_bpd,
+        ctx.rstate.ema_params,
+        ctx.val_images,
+        config,
+        jax.random.fold_in(ctx.eval_rng, 1),
+        batch_size=bpd_batch,
+        num_batches=num_eval_batches(ctx.val_images, bpd_batch),
+        progress="validation bits/dim",
+    )
+    keep = ("total_bpd", "total_bpd_se", "num_examples")
+    numbers = {f"val_{k}": bpd[k] for k in keep if k in bpd}
+    ctx.writer.write(ctx.step, {k: v for k, v in numbers.items() if k != "val_num_examples"})
+    return numbers
+
+
 FINAL_EVALUATORS: dict[str, Callable[[FinalContext], dict]] = {
     "samples": final_samples,
     "curves": final_curves,
+    "val_bound": final_val_bound,
     "bound": final_bound,
 }
 
 
 def final_evaluators(config: ml_collections.ConfigDict) -> list[str]:
     """The names of the evaluators a run ends with, in order: the samples and the curves, then the
-    test bound when config.training.final_bpd."""
-    return ["samples", "curves"] + (["bound"] if config.training.final_bpd else [])
+    validation bound and the test bound when config.training.final_bpd."""
+    return ["samples", "curves"] + (["val_bound", "bound"] if config.training.final_bpd else [])
 
 
 def final_report(
@@ -216,13 +249,17 @@ def final_report(
     eval_rng: jax.Array,
     writer: MetricWriter,
     start_time: float,
+    selection: dict | None = None,
+    val_images=None,
 ) -> dict:
-    """The end of a run: the config's `final_evaluators` on the EMA params, their numbers in
-    <workdir>/results.json (with the step, the raw params' digest and the wall time) and their
-    files beside it; returns the results."""
+    """The end of a run: the config's `final_evaluators` on the EMA params (the selected ones: the loop
+    hands over the best step's with keep_best), their numbers in <workdir>/results.json (with the step, the
+    raw params' digest, the selection: selected_step, selected_by and selected_value, and the wall time) and
+    their files beside it; returns the results."""
     is_main = distributed.is_main_process()
     step = int(distributed.unreplicate(rstate.step))
     results = {"step": step, "params_sha256": params_digest(distributed.unreplicate(rstate.params))}
+    results.update(selection or {"selected_step": step, "selected_by": "last step"})
     ctx = FinalContext(
         config=config,
         workdir=fileio.as_path(workdir),
@@ -233,6 +270,7 @@ def final_report(
         writer=writer,
         step=step,
         is_main=is_main,
+        val_images=val_images,
     )
     for name in final_evaluators(config):
         results.update(FINAL_EVALUATORS[name](ctx))

@@ -9,6 +9,10 @@ Options beside the paper's (config.diffusion; each default is the paper's settin
   prior_loss = True: the prior L_T joins the training loss (for a learned schedule: the loss is then
     the bound, and L_T keeps gamma_1 up).
   condition_on = "log_snr": the network sees log SNR_t mapped onto [0, T - 1] instead of t.
+  weighting (loss_type "vlb" or "weighted", a fixed schedule): each term L_{t-1}, t >= 1, of the loss
+    weighted by w_t, the discrete form of core.weighting's family (diffusion.chain_weights; "eps" makes it
+    L_simple's eps-MSE, "x0" / "v" those predictors' MSE); "elbo" (w_t = 1) is the bound. The reported
+    bound (bound_terms, bpd_est, "vb") is the ELBO whatever the weighting.
 """
 
 from __future__ import annotations
@@ -22,7 +26,7 @@ import numpy as np
 from absl import logging
 
 from ddpm_jax import checks
-from ddpm_jax.core import diffusion, likelihood, sampling, schedules, timesteps
+from ddpm_jax.core import diffusion, likelihood, sampling, schedules, timesteps, weighting
 from ddpm_jax.errors import ConfigError
 from ddpm_jax.methods.base import Method, NoiseSchedule, Sampler, example_noise
 from ddpm_jax.models import learned_schedule
@@ -36,7 +40,14 @@ CONDITIONINGS = ("index", "log_snr")
 # the weight, while a small weight keeps it out of the global-norm clip that scales the network's step.
 DECODER_LOSS_WEIGHT = 1e-3
 # config.diffusion fields newer than the first runs: an older config.json (load_run, resume) lacks them.
-FIELD_DEFAULTS = {"decoder": "fixed", "decoder_batch": 16, "condition_on": "index", "prior_loss": False}
+FIELD_DEFAULTS = {
+    "decoder": "fixed",
+    "decoder_batch": 16,
+    "condition_on": "index",
+    "prior_loss": False,
+    "weighting": "elbo",
+    "weighting_bias": weighting.SIGMOID_BIAS,
+}
 
 
 def _field(diffusion_config: ml_collections.ConfigDict, name: str):
@@ -74,6 +85,7 @@ class DDPM(Method):
         self.learned_schedule = d.schedule == learned_schedule.LEARNED
         self.decoder, self.decoder_batch = _field(d, "decoder"), _field(d, "decoder_batch")
         self.condition_on, self.prior_loss = _field(d, "condition_on"), bool(_field(d, "prior_loss"))
+        self.weighting = _field(d, "weighting")
         decoder_channels = config.data.channels if self.decoder == "learned" else 0
         out_channels = config.data.channels * (2 if d.variance in LEARNED_VARIANCES else 1)
         unet = create_unet(config.model, config.data.image_size, out_channels)
@@ -98,6 +110,11 @@ class DDPM(Method):
             s = np.asarray(self._fixed_schedule.sqrt_one_minus_alphas_cumprod, np.float64)
             log_snr = 2.0 * (np.log(a) - np.log(s))
             self._fixed_condition = jnp.asarray(log_snr_condition(log_snr, log_snr[0], log_snr[-1]), jnp.float32)
+        # [T] w_t of the loss's terms (None: the bound's own, and the unchanged computation)
+        self._chain_weights = None
+        if self.weighting != "elbo":
+            w = diffusion.chain_weights(self._fixed_schedule, self.weighting, bias=_field(d, "weighting_bias"))
+            self._chain_weights = jnp.asarray(w, jnp.float32)
 
     @classmethod
     def validate(cls, config: ml_collections.ConfigDict) -> None:
@@ -141,6 +158,21 @@ class DDPM(Method):
         )
         checks.one_of(_field(diff, "decoder"), DECODERS, "diffusion.decoder")
         checks.one_of(_field(diff, "condition_on"), CONDITIONINGS, "diffusion.condition_on")
+        name, bias = _field(diff, "weighting"), _field(diff, "weighting_bias")
+        checks.one_of(name, weighting.WEIGHTINGS, "diffusion.weighting")
+        checks.require(checks.is_number(bias), "diffusion.weighting_bias", f"must be a number, got {bias!r}.")
+        checks.require(
+            name == "elbo" or diff.loss_type in ("vlb", "weighted"),
+            "diffusion.weighting",
+            f"{name!r} weighs the bound's terms, which loss_type {diff.loss_type!r} does not use: set "
+            "diffusion.loss_type to 'vlb' or 'weighted', or keep weighting 'elbo' ('simple' already is 'eps').",
+        )
+        checks.require(
+            name == "elbo" or diff.schedule != learned_schedule.LEARNED,
+            "diffusion.weighting",
+            f"a learned schedule is trained by the bound, and {name!r} is not the bound: keep weighting 'elbo' "
+            "or use a fixed schedule.",
+        )
         prior_loss, decoder_batch = _field(diff, "prior_loss"), _field(diff, "decoder_batch")
         checks.require(
             isinstance(prior_loss, bool), "diffusion.prior_loss", f"must be True or False, got {prior_loss!r}."
@@ -255,7 +287,7 @@ class DDPM(Method):
         """bits/dim for the bound's losses (vlb, weighted); L_simple and hybrid are the MSE of the
         network's target (hybrid plus 1e-3 T L_t), and prior_loss adds L_T."""
         if self.loss_type in ("vlb", "weighted"):
-            return "bits/dim"
+            return "bits/dim" + (f", terms weighted by w_t ({self.weighting!r})" if self.weighting != "elbo" else "")
         unit = f"MSE of the {self.parameterization} target" + (" + 1e-3 T L_t" if self.loss_type == "hybrid" else "")
         return unit + (" + L_T" if self.prior_loss else "")
 
@@ -326,6 +358,7 @@ class DDPM(Method):
             variance=self.variance,
             loss_type=self.loss_type,
             decoder_log_scale=None if scale is None else jax.lax.stop_gradient(scale),
+            weights=self._chain_weights,
         )
         if scale is not None:
             decoder = jnp.mean(self._decoder_bpd(params, sched, scale, x, inputs["noise_0"]))
@@ -352,8 +385,10 @@ class DDPM(Method):
         )
 
     def update_method_state(self, state, inputs, terms, gather):
-        """The loss history with the global batch's per-t bound terms."""
-        return timesteps.update_loss_history(state, gather(inputs["t"]), gather(jax.lax.stop_gradient(terms["vb"])))
+        """The loss history with the global batch's per-t terms of the loss: the bound's, times w_t when weighted
+        (the importance sampler then draws t by the weighted loss it estimates)."""
+        vb = terms["vb"] if self._chain_weights is None else self._chain_weights[inputs["t"]] * terms["vb"]
+        return timesteps.update_loss_history(state, gather(inputs["t"]), gather(jax.lax.stop_gradient(vb)))
 
     # ------------------------------------------------------------------ evaluation
     def eval_terms(self, params, x, keys, rng):

@@ -33,6 +33,7 @@ from etils import epath
 
 from ddpm_jax import configuration, fileio
 from ddpm_jax.errors import CheckpointError
+from ddpm_jax.training import flat_state
 
 CONFIG_FILE = "config.json"
 # Train state fields renamed since checkpoints were written, {name in older checkpoints: name now}:
@@ -85,6 +86,8 @@ def save(mngr: ocp.CheckpointManager, state, *, force: bool = False) -> bool:
       CheckpointError: the disk is full (this save's or the previous one's write failed).
     """
     state = jax.device_get(state)
+    if getattr(state, "layout", None) is not None:  # a flat train state (optim.flatten): saved in its tree form
+        state = state.to_tree()
     step = int(state.step)
     wait_until_finished(mngr)  # Orbax waits for the previous save anyway; this way its error names its own step
     if step in mngr.all_steps():
@@ -150,6 +153,95 @@ def disk_full_error(workdir: str, e: BaseException) -> CheckpointError | None:
     return _disk_full(fileio.display(workdir), f"writing {name}" if name else "writing its logs or pictures", complete)
 
 
+# ----------------------------------------------------------------------------- the best EMA params (keep_best)
+
+BEST_DIR = "best"  # <workdir>/best/<step>: the EMA params with the lowest validation value so far
+BEST_PARAMS, BEST_INFO = "ema_params", "selection"  # its two items: the params, and {step, metric, value} as JSON
+
+
+@dataclasses.dataclass(frozen=True)
+class Best:
+    """A kept best checkpoint: its step, the validation metric that chose it and its value there."""
+
+    step: int
+    metric: str
+    value: float
+
+
+def best_path(workdir) -> epath.Path:
+    return fileio.as_path(workdir) / BEST_DIR
+
+
+def make_best_manager(workdir: str, *, read_only: bool = False) -> ocp.CheckpointManager:
+    """The manager of <workdir>/best: synchronous saves, each step's params and its selection info in one
+    Orbax step (written to a tmp folder and renamed when complete, like the training checkpoints, so a kill
+    leaves the previous best). The two newest are kept; `read_best` takes the lowest value among them."""
+    options = ocp.CheckpointManagerOptions(
+        preservation_policy=ocp.checkpoint_managers.LatestN(n=None if read_only else 2),
+        create=not read_only,
+        cleanup_tmp_directories=not read_only,
+        read_only=read_only,
+        enable_async_checkpointing=False,
+    )
+    registry = ocp.handlers.DefaultCheckpointHandlerRegistry()
+    for args in (ocp.args.StandardSave, ocp.args.StandardRestore):
+        registry.add(BEST_PARAMS, args, ocp.StandardCheckpointHandler)
+    for args in (ocp.args.JsonSave, ocp.args.JsonRestore):
+        registry.add(BEST_INFO, args, ocp.JsonCheckpointHandler)
+    return ocp.CheckpointManager(best_path(workdir), options=options, handler_registry=registry)
+
+
+def read_best(mngr: ocp.CheckpointManager) -> Best | None:
+    """The kept best with the lowest value (ties: the earlier step), read from its JSON item only; None if none.
+
+    Raises:
+      CheckpointError: a kept best cannot be read (names the folder).
+    """
+    mngr.reload()
+    found = []
+    for step in mngr.all_steps():
+        where = str(epath.Path(mngr.directory) / str(step))
+        try:
+            info = mngr.restore(step, args=ocp.args.Composite(**{BEST_INFO: ocp.args.JsonRestore()}))[BEST_INFO]
+            found.append(Best(int(info["step"]), str(info["metric"]), float(info["value"])))
+        except Exception as e:  # noqa: BLE001 - orbax raises many types for unreadable folders
+            raise CheckpointError(
+                f"the best checkpoint {where} cannot be read ({type(e).__name__}: {str(e)[:200]}): delete that "
+                "folder (the run then keeps the next best it evaluates), or train into a new --workdir."
+            ) from e
+    return min(found, key=lambda b: (b.value, b.step)) if found else None
+
+
+def save_best(mngr: ocp.CheckpointManager, best: Best, ema_params) -> None:
+    """Saves the EMA params (unreplicated) as the best at best.step, and waits until it is on disk."""
+    if best.step in mngr.all_steps():  # already kept (a resume that evaluated this step again)
+        return
+    info = {"step": best.step, "metric": best.metric, "value": best.value}
+    args = ocp.args.Composite(
+        **{BEST_PARAMS: ocp.args.StandardSave(jax.device_get(ema_params)), BEST_INFO: ocp.args.JsonSave(info)}
+    )
+    with _disk_full_as_error(mngr, best.step):
+        mngr.save(best.step, args=args, force=True)
+        mngr.wait_until_finished()
+
+
+def restore_best_params(mngr: ocp.CheckpointManager, step: int, target):
+    """The EMA params kept at step, shaped like target (host NumPy leaves).
+
+    Raises:
+      CheckpointError: they cannot be read or do not fit target.
+    """
+    where = str(epath.Path(mngr.directory) / str(step))
+    try:
+        args = ocp.args.Composite(**{BEST_PARAMS: ocp.args.StandardRestore(_host_target(target))})
+        return jax.device_get(mngr.restore(step, args=args)[BEST_PARAMS])
+    except Exception as e:  # noqa: BLE001
+        raise CheckpointError(
+            f"the best checkpoint {where} cannot be read or does not fit the model ({type(e).__name__}: "
+            f"{str(e)[:200]}): delete {BEST_DIR}/ to report the last step, or train into a new --workdir."
+        ) from e
+
+
 def _path_key(path) -> str:
     """'params/conv_in/kernel' for a key path, whether its parts are attributes, dict keys or indices."""
     names = (getattr(k, "name", getattr(k, "key", getattr(k, "idx", k))) for k in path)
@@ -212,6 +304,9 @@ def restore_latest(mngr: ocp.CheckpointManager, target):
     target = _host_target(target)
     renamed = _renamed_fields(stored, target)
     mismatches = _shape_mismatches(stored, _as_saved(target, renamed))
+    legacy = bool(mismatches) and hasattr(target, "tx") and _optax_flatten_fits(stored, target, renamed)
+    if legacy:  # optim.flatten's checkpoints before issue 24 hold Adam's moments as optax.flatten's vectors
+        target, mismatches = _host_target(flat_state.optax_flatten_target(target)), []
     if mismatches:
         raise CheckpointError(
             f"the checkpoint {where} was made for another model or image size: {'; '.join(mismatches[:3])}. "
@@ -224,7 +319,15 @@ def restore_latest(mngr: ocp.CheckpointManager, target):
     if renamed:  # back from the checkpoint's names to the state's
         now = {old: new for new, old in renamed.items()}
         restored = target.replace(**{now.get(k, k): v for k, v in restored.items()})
-    return jax.device_get(restored)
+    restored = jax.device_get(restored)
+    return flat_state.from_optax_flatten(restored) if legacy else restored
+
+
+def _optax_flatten_fits(stored, target, renamed) -> bool:
+    try:
+        return not _shape_mismatches(stored, _as_saved(_host_target(flat_state.optax_flatten_target(target)), renamed))
+    except Exception:  # noqa: BLE001 - not a train state of one dtype: the mismatch error stands
+        return False
 
 
 def _renamed_fields(stored, target) -> dict[str, str]:

@@ -2,7 +2,8 @@
 
 Each step is followed by the periodic actions, one line each, at the steps `every` picks (as clu's
 periodic actions and big_vision's `u.itstime`): the log (`_Logger`, which also refreshes the workdir
-lock), the test loss, a sample grid (`_sample_grid`), a checkpoint, and the stop check (`_StopCheck`).
+lock), the validation loss and bound estimate (val_*, with the best EMA params kept: `_KeepBest`), a sample
+grid (`_sample_grid`), a checkpoint, and the stop check (`_StopCheck`).
 Nothing is lost on the way: a kill at any moment leaves the last complete checkpoint (Orbax's
 atomic saves, see checkpoint.py); SIGTERM / SIGINT save a checkpoint at the current step and
 return; a run of non-finite steps longer than config.training.max_nonfinite_steps stops with a
@@ -10,6 +11,11 @@ checkpoint of the last good parameters. With several processes (distributed.py) 
 runs this same loop on its shard of the data, and only process 0 writes logs and pictures.
 What is trained is the config's method (ddpm_jax.methods); the end-of-run evaluation is
 ddpm_jax.evaluation.report's `final_report`.
+
+The splits (data.splits): the loop trains on `splits.load_train`, evaluates on `splits.load_validation`
+and reads the test split (config.data.eval_split) once, after training, for the final report of the
+selected EMA params: with config.training.keep_best those of the eval step with the lowest validation
+value (the first of SELECT_BY the eval metrics have), kept in <workdir>/best; else the last step's.
 """
 
 from __future__ import annotations
@@ -33,6 +39,9 @@ from ddpm_jax.training.validation import validate_config
 # Processes agree on a pre-emption at log steps and every this many steps (a small collective),
 # so that all of them stop, and save, at the same step; one process alone checks every step.
 STOP_SYNC_EVERY = 10
+# The validation metric keep_best minimises: the first of these the eval step reports (every method reports
+# val_bpd_est, the unbiased bound estimate of config.training.bpd_estimate_strata strata).
+SELECT_BY = ("val_bpd_est", "val_loss")
 
 
 def _say(*args) -> None:
@@ -81,7 +90,7 @@ def _sample_grid(steps: train_lib.CompiledSteps, rstate, rng, step: int, config,
     """The sample action: a grid of the EMA params' samples, keyed fold_in(rng, step). Every process
     samples (SPMD); process 0 writes samples/step_<step>.png and the TensorBoard image."""
     grid = sample_lib.draw_samples(
-        steps.p_sample, rstate.ema_params, jax.random.fold_in(rng, step), config.sampling.num_samples
+        steps.p_sample, rstate.ema_params_tree(), jax.random.fold_in(rng, step), config.sampling.num_samples
     )
     if distributed.is_main_process():
         plots.save_grid(grid["samples"], fileio.as_path(workdir) / "samples" / f"step_{step:07d}.png")
@@ -117,8 +126,60 @@ class _StopCheck:
         return self.any_signal()
 
 
+def selection_metric(scalars: dict) -> str:
+    """The key of SELECT_BY that keep_best compares in an eval step's scalars."""
+    for key in SELECT_BY:
+        if key in scalars:
+            return key
+    raise KeyError(f"the eval metrics have none of {SELECT_BY}: {sorted(scalars)}")
+
+
+class _KeepBest:
+    """The best-checkpoint action (config.training.keep_best): after each validation eval, the EMA params
+    are saved to <workdir>/best when their validation value is the lowest so far (strictly). The best so far
+    is read back from there on resume, so a killed run keeps it. A fresh start (step 0) drops an older
+    run's best. With keep_best False it does nothing and the last step is selected."""
+
+    def __init__(self, config, workdir: str, initial_step: int):
+        self.enabled = bool(config.training.get("keep_best", False))
+        self.mngr = checkpoint.make_best_manager(workdir) if self.enabled else None
+        self.best = checkpoint.read_best(self.mngr) if self.enabled else None
+        if self.enabled and initial_step == 0 and self.mngr.all_steps():  # left by an earlier run in workdir
+            _say(f"Dropping the best checkpoint(s) {self.mngr.all_steps()} of an earlier run in this workdir.")
+            for old in self.mngr.all_steps():
+                self.mngr.delete(old)
+            self.best = None
+
+    def __call__(self, step: int, scalars: dict, rstate) -> None:
+        if not self.enabled:
+            return
+        metric = selection_metric(scalars)
+        value = float(scalars[metric])
+        if np.isfinite(value) and (self.best is None or value < self.best.value):
+            best = checkpoint.Best(step, metric, value)
+            checkpoint.save_best(self.mngr, best, distributed.unreplicate(rstate.ema_params_tree()))
+            self.best = best
+
+    def select(self, rstate, step: int):
+        """(the replicated state whose EMA params the final report uses, the selection for results.json)."""
+        if not self.enabled or self.best is None:
+            why = "last step" if not self.enabled else "last step (no validation eval was kept)"
+            return rstate, {"selected_step": step, "selected_by": why}
+        params = checkpoint.restore_best_params(self.mngr, self.best.step, distributed.unreplicate(rstate.ema_params))
+        selection = {
+            "selected_step": self.best.step,
+            "selected_by": self.best.metric,
+            "selected_value": self.best.value,
+        }
+        _say(
+            f"The final report uses the EMA params of step {self.best.step} ({self.best.metric}={self.best.value:.4f})."
+        )
+        return rstate.replace(ema_params=distributed.replicate(params)), selection
+
+
 def _restore_or_init(config, workdir: str, mngr, method, tx):
-    """The latest checkpoint of workdir (checked against config), or a fresh state; writes config.json."""
+    """The latest checkpoint of workdir (checked against config), or a fresh state, in the form
+    config.optim.flatten asks (checkpoints hold the tree form); writes config.json."""
     rng = jax.random.PRNGKey(config.seed)
     try:
         saved = checkpoint.load_config(workdir, required=False)
@@ -129,12 +190,18 @@ def _restore_or_init(config, workdir: str, mngr, method, tx):
     if mngr.latest_step() is not None:
         if saved is not None:
             checkpoint.check_compatible(saved, config, workdir, method.frozen_fields)
+            if "validation_split" not in saved.get("data", {}):
+                _say(
+                    "warning: this run started before the validation split existed: it trained on the whole train "
+                    "split until now, so its validation numbers (val_*) include images it has seen."
+                )
         state = checkpoint.restore_latest(mngr, train_lib.abstract_train_state(method, tx, rng))
     else:
         state = None
     if distributed.is_main_process():
         checkpoint.save_config(workdir, config)  # only once the checkpoint is known to fit
-    return train_lib.create_train_state(method, tx, rng) if state is None else state
+    state = train_lib.create_train_state(method, tx, rng) if state is None else state
+    return state.to_flat() if config.optim.flatten else state
 
 
 def train_and_evaluate(
@@ -189,10 +256,11 @@ def check_workdir(workdir: str) -> None:
 
 
 def _load_data(config, initial_step: int):
-    """The train batches from initial_step on, the test split, and the eval batches that cover it."""
-    train_images = splits.load_split(config, config.data.train_split)
-    test_images = splits.load_split(config, config.data.eval_split)
-    num_eval_batches = report.num_eval_batches(test_images, config.training.batch_size)
+    """The train batches from initial_step on, the validation split, and the eval batches that cover it
+    (the test split is not read here: `_load_test`, after training)."""
+    train_images = splits.load_train(config)
+    val_images = splits.load_validation(config)
+    num_eval_batches = report.num_eval_batches(val_images, config.training.batch_size)
     batches = pipeline.train_batches(
         train_images,
         config.training.batch_size,
@@ -200,7 +268,14 @@ def _load_data(config, initial_step: int):
         start_step=initial_step,
         random_flip=config.data.random_flip,
     )
-    return batches, test_images, num_eval_batches
+    return batches, val_images, num_eval_batches
+
+
+def _load_test(config):
+    """The test split, for the final report only (None when no final evaluator reads it)."""
+    if "bound" not in report.final_evaluators(config):
+        return None
+    return splits.load_split(config, config.data.eval_split)
 
 
 def _train_and_evaluate(config, workdir: str, stop_at_step: int | None, steps, lock) -> dict:
@@ -214,7 +289,8 @@ def _train_and_evaluate(config, workdir: str, stop_at_step: int | None, steps, l
         initial_step = int(state.step)
         if initial_step:
             _say(f"Resuming from the checkpoint at step {initial_step} in {checkpoint.checkpoint_dir(workdir)}.")
-        batches, test_images, num_eval_batches = _load_data(config, initial_step)
+        batches, val_images, num_eval_batches = _load_data(config, initial_step)
+        keep_best = _KeepBest(config, workdir, initial_step)
         rstate = distributed.replicate(state)
         del state
         writer = MetricWriter(workdir, initial_step)
@@ -227,10 +303,10 @@ def _train_and_evaluate(config, workdir: str, stop_at_step: int | None, steps, l
         bar = progress.Progress(num_steps, initial_step, desc="train", enabled=distributed.is_main_process())
         # The periodic actions.
         log = _Logger(writer, lock, bar, guard, initial_step)
-        test_loss = functools.partial(
+        val_loss = functools.partial(
             report.evaluate_loss,
             steps.p_eval,
-            test_images=test_images,
+            images=val_images,
             config=config,
             rng=eval_rng,
             num_batches=num_eval_batches,
@@ -251,12 +327,14 @@ def _train_and_evaluate(config, workdir: str, stop_at_step: int | None, steps, l
             if is_log:
                 log(step, metrics)
             if every(step, tr.eval_every, num_steps):
-                writer.write(step, test_loss(rstate.ema_params))
+                scalars = val_loss(rstate.ema_params_tree())
+                writer.write(step, scalars)
+                keep_best(step, scalars, rstate)
             if every(step, tr.sample_every, num_steps, at_last=False):  # the final report samples the last step
                 _sample_grid(steps, rstate, eval_rng, step, config, workdir, writer)
             if fid_eval is not None and every(step, tr.fid_every, num_steps):
                 writer.write(
-                    step, fid.fid_scalars(fid_eval, steps, rstate.ema_params, jax.random.fold_in(eval_rng, step))
+                    step, fid.fid_scalars(fid_eval, steps, rstate.ema_params_tree(), jax.random.fold_in(eval_rng, step))
                 )
             if every(step, tr.checkpoint_every, num_steps):
                 writer.flush()  # the records up to a checkpoint are stored before it (object stores buffer them)
@@ -281,12 +359,15 @@ def _train_and_evaluate(config, workdir: str, stop_at_step: int | None, steps, l
     finally:
         stop.restore()
         checkpoint.wait_until_finished(mngr)
+    rstate, selection = keep_best.select(rstate.to_tree(), step)  # the report reads parameter trees
     return report.final_report(
         config=config,
         workdir=workdir,
         steps=steps,
         rstate=rstate,
-        test_images=test_images,
+        test_images=_load_test(config),
+        selection=selection,
+        val_images=val_images,
         eval_rng=eval_rng,
         writer=writer,
         start_time=start_time,

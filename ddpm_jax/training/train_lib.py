@@ -20,8 +20,10 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import optax
+from flax import struct
 from flax.training import train_state
 
+from ddpm_jax.training import flat_state
 from ddpm_jax.training.distributed import AXIS
 
 if TYPE_CHECKING:  # the steps only call the interface; the registry is the caller's
@@ -30,11 +32,43 @@ if TYPE_CHECKING:  # the steps only call the interface; the registry is the call
 
 class TrainState(train_state.TrainState):
     """step, params, opt_state (+ static apply_fn, tx), EMA params, the run's key, and the method's own
-    training state beside the params (`Method.init_method_state`; None for most methods)."""
+    training state beside the params (`Method.init_method_state`; None for most methods).
+
+    Two forms, the same state: the tree form (params and EMA params as parameter trees, `layout` None),
+    which checkpoints hold, and the flat form of `optim.flatten` (`to_flat`: params, EMA params and
+    Adam's moments as one vector each, `layout` their static `flat_state.FlatLayout`). Read the
+    parameters as trees, in either form, through `params_tree()` and `ema_params_tree()`.
+    """
 
     ema_params: Any
     rng: jax.Array
     method_state: Any = None
+    layout: flat_state.FlatLayout | None = struct.field(pytree_node=False, default=None)
+
+    def apply_gradients(self, *, grads, **kwargs) -> TrainState:
+        """flax's update; in the flat form, Adam (and the clip) over the flat vectors (flax's version asks
+        `in grads`, which an array does not answer)."""
+        if self.layout is None:
+            return super().apply_gradients(grads=grads, **kwargs)
+        updates, opt_state = self.tx.update(grads, self.opt_state, self.params)
+        params = optax.apply_updates(self.params, updates)
+        return self.replace(step=self.step + 1, params=params, opt_state=opt_state, **kwargs)
+
+    def params_tree(self):
+        """The parameters as a tree (a view of the flat vector in the flat form; leading axes kept)."""
+        return self.params if self.layout is None else self.layout.unravel(self.params)
+
+    def ema_params_tree(self):
+        """The EMA parameters as a tree (see `params_tree`)."""
+        return self.ema_params if self.layout is None else self.layout.unravel(self.ema_params)
+
+    def to_flat(self) -> TrainState:
+        """The flat form of an unreplicated state (itself if flat already)."""
+        return flat_state.to_flat(self)
+
+    def to_tree(self) -> TrainState:
+        """The tree form, unreplicated or replicated: what checkpoints hold (itself if a tree already)."""
+        return flat_state.to_tree(self)
 
 
 LR_SCHEDULES = ("constant", "cosine")
@@ -57,21 +91,23 @@ def learning_rate_schedule(optim: ml_collections.ConfigDict, num_train_steps: in
 
 
 def make_optimizer(config: ml_collections.ConfigDict) -> optax.GradientTransformation:
-    """Global-norm clipping, then Adam. With optim.flatten, both run on one flat vector of all the
-    parameters (optax.flatten): the same update, in a few large kernels instead of a few per leaf."""
+    """Global-norm clipping, then Adam. The same transformation in both forms of the state: over the
+    parameter tree, or, with optim.flatten (`TrainState.to_flat`), over one flat vector of all of them."""
     optim = config.optim
     lr = learning_rate_schedule(optim, config.training.num_train_steps)
-    tx = optax.chain(
+    return optax.chain(
         optax.clip_by_global_norm(optim.grad_clip), optax.adam(lr, b1=optim.beta1, b2=optim.beta2, eps=optim.eps)
     )
-    return optax.flatten(tx) if optim.flatten else tx
 
 
-def create_train_state(method: Method, tx: optax.GradientTransformation, rng: jax.Array) -> TrainState:
-    """Fresh parameters, Adam state, EMA copy and the method's own state (if any)."""
+def create_train_state(
+    method: Method, tx: optax.GradientTransformation, rng: jax.Array, *, flat: bool = False
+) -> TrainState:
+    """Fresh parameters, Adam state, EMA copy and the method's own state (if any); the flat form
+    (config.optim.flatten) when `flat`."""
     init_rng, state_rng = jax.random.split(rng)
     params = method.init_params(init_rng)
-    return TrainState.create(
+    state = TrainState.create(
         apply_fn=method.apply_fn,
         params=params,
         tx=tx,
@@ -79,11 +115,12 @@ def create_train_state(method: Method, tx: optax.GradientTransformation, rng: ja
         rng=state_rng,
         method_state=method.init_method_state(),
     )
+    return state.to_flat() if flat else state
 
 
 def abstract_train_state(method: Method, tx: optax.GradientTransformation, rng: jax.Array) -> TrainState:
-    """The state's structure, shapes and dtypes (jax.eval_shape: nothing is computed or allocated):
-    the target a checkpoint is restored into."""
+    """The tree state's structure, shapes and dtypes (jax.eval_shape: nothing is computed or allocated):
+    the target a checkpoint is restored into (then `to_flat()` for optim.flatten)."""
     return jax.eval_shape(lambda key: create_train_state(method, tx, key), rng)
 
 
@@ -110,6 +147,7 @@ def _device_rng(rng, axis_name: str | None, offset: int = 0):
 
 
 def _tree_all_finite(tree) -> jnp.ndarray:
+    """One isfinite-reduction per leaf: a single one over a flat state's gradient."""
     return jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in jax.tree_util.tree_leaves(tree)]))
 
 
@@ -128,7 +166,7 @@ def train_step(
     """One optimisation step on this device's share of the global batch.
 
     Args:
-      state: the (replicated) train state.
+      state: the (replicated) train state, tree or flat form (the same update).
       batch: [per-device B, H, W, C] images in [-1, 1].
       method: the run's method (closed over): its loss terms and random inputs.
       config: the run's config (closed over; read at trace time only).
@@ -146,7 +184,10 @@ def train_step(
     dropout_rng = _device_rng(jax.random.fold_in(step_rng, 2**30), axis_name)
 
     def loss_fn(params):
-        terms = method.loss_terms(params, batch, inputs, train=True, dropout_rng=dropout_rng)
+        # In the flat form the loss sees the tree through static slices; the gradient comes out flat,
+        # so clip, Adam, the EMA and the guard below are a few ops over whole vectors, not a few per leaf.
+        tree = params if state.layout is None else state.layout.unravel(params)
+        terms = method.loss_terms(tree, batch, inputs, train=True, dropout_rng=dropout_rng)
         return jnp.mean(inputs["weights"] * terms["loss"]), terms
 
     (loss, terms), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
@@ -168,6 +209,8 @@ def train_step(
             else functools.partial(jax.lax.all_gather, axis_name=axis_name, tiled=True)
         )
         updated = updated.replace(method_state=method.update_method_state(state.method_state, inputs, terms, gather))
+    # One select per state leaf: per parameter leaf in the tree form, per whole vector in the flat one
+    # (a lax.cond instead was no faster on XLA:CPU: bench/flat_step.py's update-only timings).
     new_state = jax.tree_util.tree_map(lambda new, old: jnp.where(finite, new, old), updated, state)
     new_state = new_state.replace(step=state.step + 1)
 

@@ -56,6 +56,13 @@ def _check_training(tr: ml_collections.ConfigDict, num_devices: int | None) -> N
     for field in ("log_every", "eval_every", "sample_every", "checkpoint_every", "keep_checkpoints"):
         positive_int(tr, field, "training")
     positive_int(tr, "max_nonfinite_steps", "training", " (how many NaN/Inf steps in a row stop the run)")
+    keep_best = tr.get("keep_best", False)
+    require(
+        isinstance(keep_best, bool),
+        "training.keep_best",
+        f"must be True (report the EMA params of the best validation eval) or False (the last step's), got "
+        f"{keep_best!r}.",
+    )
     fid_every, fid_num = tr.get("fid_every", 0), tr.get("fid_num_samples", 10_000)
     require(
         is_int(fid_every) and fid_every >= 0,
@@ -188,6 +195,9 @@ def validate_config(config: ml_collections.ConfigDict, num_devices: int | None =
         "data.in_memory",
         f"must be True (read the splits into memory) or False (stream them from disk), got {in_memory!r}.",
     )
+    from ddpm_jax.data import splits  # light (no pipeline): the holdout's rule and its field checks
+
+    splits.check_validation_fields(d)  # validation_split / validation_size (the holdout's size: when it is read)
     _check_training(config.training, num_devices)
     _check_optim(config.optim)
     method.validate(config)
