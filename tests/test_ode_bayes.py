@@ -28,26 +28,12 @@ from ddpm_jax.core import likelihood, pixels, vdm
 from ddpm_jax.data.digits_builder import NUM_LEVELS, digits_split_indices, digits_uint8
 from ddpm_jax.evaluation import ode_eval
 
+from helpers.histogram_flow import HistogramFlow
+
 G0, G1 = vdm.GAMMA_MIN, vdm.GAMMA_MAX
 V = np.arange(256) / 127.5 - 1.0
 LEVELS = np.round(np.arange(NUM_LEVELS) * 255 / (NUM_LEVELS - 1)).astype(int)  # the digits' 17 grey levels
 NUM_IMAGES = 48
-
-
-def linear_gamma(t):
-    return G0 + (G1 - G0) * t
-
-
-class HistogramFlow:
-    """A Method-like object whose flow is (fixed linear gamma, the histogram's exact Bayes eps)."""
-
-    name = "histogram"
-
-    def __init__(self, probs):
-        self.eps_fn = vdm.bayes_eps_fn_for_histogram(probs, linear_gamma)
-
-    def probability_flow(self, params):
-        return linear_gamma, self.eps_fn
 
 
 def _alpha_sigma(gamma):
@@ -123,7 +109,7 @@ def digits():
 def test_ode_nll_of_the_exact_bayes_denoiser_is_the_histogram_nll(digits):
     """Hutchinson's estimate is exact here: the flow acts on each pixel alone, so d eps_hat / dz is diagonal and
     v^T J v = sum_i J_ii v_i^2 = tr J for a Rademacher v (checked against exact_trace=True on a few images)."""
-    method = HistogramFlow(digits["probs"])
+    method = HistogramFlow(digits["probs"], G0, G1)
     nll, slack = digits["nll"], digits["dec"] + digits["prior"]
     key = jax.random.PRNGKey(0)
     outs = {
@@ -139,7 +125,7 @@ def test_ode_nll_of_the_exact_bayes_denoiser_is_the_histogram_nll(digits):
     # Per image (ode_nll_over_images's one batch: key fold_in(key, 0)), for a paired standard error
     per_image = jax.jit(
         lambda x: likelihood.ode_nll_bpd(
-            linear_gamma, method.eps_fn, x, jax.random.fold_in(key, 0), num_steps=64, exact_trace=False, num_probes=2
+            method.gamma, method.eps_fn, x, jax.random.fold_in(key, 0), num_steps=64, exact_trace=False, num_probes=2
         )
     )(pixels.scale_images(digits["images"]))
     total = np.asarray(per_image["total_bpd"], np.float64)
@@ -161,7 +147,7 @@ def test_ode_nll_of_the_exact_bayes_denoiser_is_the_histogram_nll(digits):
 
 
 def test_exact_trace_equals_hutchinson_for_the_per_pixel_flow(digits):
-    method = HistogramFlow(digits["probs"])
+    method = HistogramFlow(digits["probs"], G0, G1)
     images, key = digits["images"][:4], jax.random.PRNGKey(1)
     exact, hutch = (
         ode_eval.ode_nll_over_images(method, None, images, key, num_steps=4, exact_trace=flag) for flag in (True, False)

@@ -14,29 +14,16 @@ The between-image spread then is the histogram NLL's own, so the standard error 
 import numpy as np
 import pytest
 
-from ddpm_jax.core import vdm
 from ddpm_jax.errors import ConfigError
 from ddpm_jax.evaluation import ode_eval
+
+from helpers.histogram_flow import HistogramFlow
 
 KS = np.array([40, 100, 127, 128, 220])
 P = np.array([0.1, 0.3, 0.15, 0.25, 0.2])
 
 
 GAMMA_0, GAMMA_1 = -18.0, 8.0  # sigma_0 = 1.2e-4 (half a bin is 32 sigma_0), alpha_1^2 = 3.4e-4
-
-
-def linear_gamma(t):
-    return GAMMA_0 + (GAMMA_1 - GAMMA_0) * t
-
-
-class HistogramFlow:
-    name = "histogram"
-
-    def __init__(self, probs):
-        self.eps_fn = vdm.bayes_eps_fn_for_histogram(probs, linear_gamma)
-
-    def probability_flow(self, params):
-        return linear_gamma, self.eps_fn
 
 
 class NoFlow:
@@ -54,7 +41,7 @@ def test_ode_nll_over_images_matches_the_histogram_nll():
     idx = rng.choice(len(KS), size=(50,) + shape, p=P)
     images = KS[idx].astype(np.uint8)
     nll_bpd = -np.log(P[idx]).reshape(50, -1).mean(1) / np.log(2)  # float64, per image
-    method = HistogramFlow(probs)
+    method = HistogramFlow(probs, GAMMA_0, GAMMA_1)
     import jax
 
     outs = [

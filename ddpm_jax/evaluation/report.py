@@ -167,24 +167,35 @@ def final_curves(ctx: FinalContext) -> dict:
 BOUND_PER_IMAGE = "bound_per_image.npz"
 
 
+def _bound_batch(config) -> int:
+    """The final bound's batch: it costs T network calls per image, so one large batch wastes the least on padding."""
+    return config.training.bpd_batch_size or config.training.batch_size
+
+
+def _split_bound(ctx: FinalContext, images, rng, progress: str, per_image: bool = False) -> dict:
+    """The selected EMA params' bound over a whole split (evaluate_bpd with the final bound's batch)."""
+    bpd_batch = _bound_batch(ctx.config)
+    return evaluate_bpd(
+        ctx.steps.p_bpd,
+        ctx.rstate.ema_params,
+        images,
+        ctx.config,
+        rng,
+        batch_size=bpd_batch,
+        num_batches=num_eval_batches(images, bpd_batch),
+        per_image=per_image,
+        progress=progress,
+    )
+
+
 def final_bound(ctx: FinalContext) -> dict:
     """The EMA params' test bound in bits/dim (steps.p_bpd: config.training.final_bpd_strata), with
     bpd_terms.png when it has all T terms; also written as test_* metrics. Every test image's total
     goes to bound_per_image.npz (`total_bpd` [images], in the split's order, with the draws' seed,
     batch size, strata and device count: runs that agree on those drew the same t and eps per image)."""
     config = ctx.config
-    # The bound costs T network calls per image: one large batch wastes the least on padding.
-    bpd_batch = config.training.bpd_batch_size or config.training.batch_size
-    bpd = evaluate_bpd(
-        ctx.steps.p_bpd,
-        ctx.rstate.ema_params,
-        ctx.test_images,
-        config,
-        ctx.eval_rng,
-        batch_size=bpd_batch,
-        num_batches=num_eval_batches(ctx.test_images, bpd_batch),
-        per_image=True,
-    )
+    bpd_batch = _bound_batch(config)
+    bpd = _split_bound(ctx, ctx.test_images, ctx.eval_rng, "test bits/dim", per_image=True)
     vb_per_t = bpd.pop("vb_per_t", None)
     per_image = bpd.pop("total_bpd_per_image", None)
     if ctx.is_main and per_image is not None:  # for differences paired by image (ddpm-ablate)
@@ -207,18 +218,7 @@ def final_val_bound(ctx: FinalContext) -> dict:
     val_total_bpd, val_total_bpd_se and val_num_examples: the number a choice between runs is made by."""
     if ctx.val_images is None:
         return {}
-    config = ctx.config
-    bpd_batch = config.training.bpd_batch_size or config.training.batch_size
-    bpd = evaluate_bpd(
-        ctx.steps.p_bpd,
-        ctx.rstate.ema_params,
-        ctx.val_images,
-        config,
-        jax.random.fold_in(ctx.eval_rng, 1),
-        batch_size=bpd_batch,
-        num_batches=num_eval_batches(ctx.val_images, bpd_batch),
-        progress="validation bits/dim",
-    )
+    bpd = _split_bound(ctx, ctx.val_images, jax.random.fold_in(ctx.eval_rng, 1), "validation bits/dim")
     keep = ("total_bpd", "total_bpd_se", "num_examples")
     numbers = {f"val_{k}": bpd[k] for k in keep if k in bpd}
     ctx.writer.write(ctx.step, {k: v for k, v in numbers.items() if k != "val_num_examples"})
