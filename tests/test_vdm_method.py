@@ -277,6 +277,16 @@ def test_training_t_one_per_stratum_and_uniform_over_random_positions(fixed):
     assert abs(float(np.corrcoef(*nz)[0, 1])) < 0.1 and abs(float(np.std(nz[0])) - 1) < 0.1
 
 
+def test_eval_draw_is_uniform_at_every_position(fixed):
+    """An eval batch's padding is masked: the real examples of a short last batch (its first positions) must not
+    get only the low strata of t, as the training draw would give them."""
+    method, n, batch = fixed[0], 4096, 128
+    t = np.asarray(method.eval_inputs(jax.random.split(jax.random.PRNGKey(3), n), jnp.zeros((n, 8, 8, 1)))["t"])
+    first = t.reshape(-1, batch)[:, :22].reshape(-1)  # positions 0..21 of each batch: 22 real of 128 in a last batch
+    assert stats.kstest(first.astype(np.float64), "uniform").pvalue > 1e-3
+    assert abs(first.mean() - 0.5) < 4 * np.sqrt(1 / 12 / first.size)  # training draw there: mean 11/128 = 0.086
+
+
 def test_loss_terms_with_the_training_draw_is_an_unbiased_estimate_of_the_bound(fixed, images):
     """Mean over many training draws (random positions) of loss_terms = bound_terms with many t, per image (paired)."""
     method, params = fixed

@@ -168,10 +168,14 @@ class VDM(Method):
             params, x, inputs["t"], inputs["noise"], inputs["noise_0"], self._eps_fn(params, train, dropout_rng)
         )
 
+    def eval_inputs(self, keys, x):
+        """The training draw with t ~ U(0, 1) for every example (one stratum: position (0, 1)). An eval batch
+        is padded and its padding masked, so stratifying by position (the training draw) would give the real
+        examples of a short last batch only the low strata of t, and bias the loss low."""
+        return self.draw_training_inputs(keys, x, None, position=(jnp.zeros((x.shape[0],)), 1))
+
     def eval_terms(self, params, x, keys, rng):
-        index = jnp.arange(x.shape[0])
-        inputs = self.draw_training_inputs(keys, x, None, position=(index, x.shape[0]))
-        terms = self.loss_terms(params, x, inputs)
+        terms = self.loss_terms(params, x, self.eval_inputs(keys, x))
         terms["bpd_est"] = self.bound_terms(params, x, keys, rng, num_strata=self.config.training.bpd_estimate_strata)[
             "total_bpd"
         ]
