@@ -141,7 +141,7 @@ def main() -> None:
     print("|---|---|---|---|---|---|---|---|")
     for r in rows:
         print(
-            f"| {r['cell']} | {r['seed']} | {r['steps']} | {r.get('selected_value', float('nan')):.3f} | "
+            f"| {r['cell']} | {r['seed']} | {r['steps']} | {r['val_total_bpd']:.3f} ± {r['val_total_bpd_se']:.3f} | "
             f"{r['total_bpd']:.3f} ± {r['total_bpd_se']:.3f} | {r['val_fd']:.2f} ({r['val_fd_floor']:.2f}) | "
             f"{r['test_fd']:.2f} ({r['test_fd_floor']:.2f}) | {r.get('selected_step', '')} |"
         )
