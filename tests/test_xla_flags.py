@@ -14,9 +14,9 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 def test_defaults_are_added_once_and_a_users_choice_wins():
     added = xla_flags.with_cpu_defaults("--xla_force_host_platform_device_count=2")
-    assert added == "--xla_force_host_platform_device_count=2 " + xla_flags.YNN_WITHOUT_CONVOLUTIONS
+    assert added == "--xla_force_host_platform_device_count=2 " + xla_flags.YNN_DOTS_ONLY
     assert xla_flags.with_cpu_defaults(added) == added
-    assert xla_flags.with_cpu_defaults("") == xla_flags.YNN_WITHOUT_CONVOLUTIONS
+    assert xla_flags.with_cpu_defaults("") == xla_flags.YNN_DOTS_ONLY
     mine = "--xla_cpu_experimental_ynn_fusion_type=dot"
     assert xla_flags.with_cpu_defaults(mine) == mine
     env = {"DDPM_JAX_CACHE_DIR": "/cache"}
@@ -24,7 +24,7 @@ def test_defaults_are_added_once_and_a_users_choice_wins():
     xla_flags.configure(env)
     assert env == {
         "DDPM_JAX_CACHE_DIR": "/cache",
-        "XLA_FLAGS": xla_flags.YNN_WITHOUT_CONVOLUTIONS,
+        "XLA_FLAGS": xla_flags.YNN_DOTS_ONLY,
         "JAX_COMPILATION_CACHE_DIR": "/cache",
     }
 
