@@ -72,6 +72,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.model.attn_resolutions = (16,)
     config.model.dropout = 0.1
     config.model.num_groups = 32
+    config.optim.flatten = False  # on CPU the flat 143 MB vectors lost (0.87-0.93x); the GPU variants set it
 
     config.diffusion.schedule = "linear"  # beta from 1e-4 to 0.02
     config.diffusion.num_timesteps = 1000

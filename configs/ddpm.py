@@ -99,10 +99,11 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.optim.beta2 = 0.999
     config.optim.eps = 1e-8
     # True: params, EMA params and Adam's moments as one vector each (train_lib.TrainState.to_flat): the same update
-    # in ~2.4x fewer ops, compiled 2-8x faster; checkpoints hold the tree form either way. Off by default: on CPU
-    # the cifar10 step (35.7M parameters, vectors far beyond the cache) ran 0.87-0.93x, the digits step
-    # 1.00-1.16x (bench/flat_step.py, loaded machine).
-    config.optim.flatten = False
+    # in ~2.4x fewer ops, and the digits step compiles in 7 s instead of 25-33 s at the same step time (the main job
+    # reaches step 50 in 14-16 s instead of 29-32, cold; its bound is unchanged within se; bench/RESULTS.md).
+    # Checkpoints hold the tree form either way. cifar10 keeps it off on CPU (35.7M parameters: vectors far beyond
+    # the cache, 0.87-0.93x).
+    config.optim.flatten = True
 
     config.sampling = ml_collections.ConfigDict()
     config.sampling.num_samples = 64

@@ -5,9 +5,10 @@ keeps YNNPACK for dots only:
 - Convolutions: YNNPACK's weight-gradient convolutions (the window spans the whole image) run at
   22-37 GFLOP/s on the cifar10 UNet's shapes on a 2-core x86 VM, XLA's Eigen ones at 80-90; forward
   and input-gradient convolutions are about equal.
-- Elementwise ops and reductions: the UNet's many small GroupNorm, swish and optimizer ops cost more
-  as YNNPACK calls than as XLA's own fused loops. The digits train step ran 20% faster without them
-  (167 -> 134 ms at batch 128), the cifar10 step the same within run-to-run noise.
+- Elementwise ops and reductions: the UNet's GroupNorm, swish and optimizer ops run faster as XLA's
+  own fused loops than as YNNPACK calls. Both train steps ran 10% faster without them (pair ratios,
+  steps alternating in one process: digits batch 128 153.5 vs 166.2 ms, cifar10 batch 8 2139 vs
+  2366 ms; bench/step_variants.py).
 The numbers are in bench/RESULTS.md. The flag only affects XLA:CPU: GPU compiles ignore it.
 
 XLA reads XLA_FLAGS once, when the first backend is created, so `configure()` must run before

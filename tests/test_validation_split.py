@@ -270,6 +270,10 @@ def test_keep_best_off_reports_the_last_step(tmp_path, data_dir, steps_for):
     results = loop.train_and_evaluate(config, str(tmp_path), steps=_steps(steps_for, data_dir))
     assert (results["selected_step"], results["selected_by"]) == (6, "last step")
     assert not (tmp_path / checkpoint.BEST_DIR).exists()
+    # Each part of the final report is timed, and together they fit inside the run's wall time.
+    seconds = results["final_report_s"]
+    assert list(seconds) == report.final_evaluators(config) and all(s >= 0 for s in seconds.values())
+    assert sum(seconds.values()) <= results["wall_time_s"]
 
 
 def test_evaluate_scores_the_best_params_on_either_split(keep_best_runs):

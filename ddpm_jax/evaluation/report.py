@@ -254,7 +254,8 @@ def final_report(
 ) -> dict:
     """The end of a run: the config's `final_evaluators` on the EMA params (the selected ones: the loop
     hands over the best step's with keep_best), their numbers in <workdir>/results.json (with the step, the
-    raw params' digest, the selection: selected_step, selected_by and selected_value, and the wall time) and
+    raw params' digest, the selection: selected_step, selected_by and selected_value, each evaluator's seconds
+    as final_report_s, and the wall time) and
     their files beside it; returns the results."""
     is_main = distributed.is_main_process()
     step = int(distributed.unreplicate(rstate.step))
@@ -272,8 +273,12 @@ def final_report(
         is_main=is_main,
         val_images=val_images,
     )
+    seconds = {}
     for name in final_evaluators(config):
+        began = time.time()
         results.update(FINAL_EVALUATORS[name](ctx))
+        seconds[name] = round(time.time() - began, 2)  # compiles included: where a run's last minutes go
+    results["final_report_s"] = seconds
     results["wall_time_s"] = time.time() - start_time
     if is_main:
         fileio.atomic_write_json(ctx.workdir / "results.json", results)

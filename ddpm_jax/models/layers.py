@@ -59,62 +59,17 @@ def get_timestep_embedding(t: chex.Array, dim: int, max_period: float = 10000.0)
     return emb
 
 
-def group_norm_swish(
-    x: chex.Array, scale: chex.Array, bias: chex.Array, num_groups: int, swish: bool, eps: float = GROUPNORM_EPS
-) -> jnp.ndarray:
-    """GroupNorm (Wu & He 2018) of NHWC `x`, optionally followed by swish, as one affine map per
-    (example, channel): y = x * a + b with a = scale / sqrt(var + eps), b = bias - mean * a.
+def group_norm(num_groups: int, dtype: Dtype, name: str | None = None) -> nn.GroupNorm:
+    """GroupNorm with float32 statistics, scale and shift, returning `dtype`.
 
-    The statistics (mean and E[x^2] of each example's group, in float32, var = E[x^2] - mean^2 clamped
-    at 0, as flax's fast variance) are one reduction over x; the normalisation, affine map and swish are
-    one elementwise pass that XLA fuses. Normalising first and then scaling (flax's nn.GroupNorm) costs
-    XLA:CPU more passes, above all in the backward: this form ran 1.7-2.6x faster fwd+bwd at the
-    cifar10 UNet's shapes (bench/RESULTS.md, "GroupNorm + swish").
-
-    Args:
-      x: [B, ..., C] activations, any float dtype.
-      scale, bias: [C] float32.
-      num_groups: divides C.
-      swish: apply x * sigmoid(x) to the normalised output.
-
-    Returns:
-      float32, the shape of x.
+    flax reduces in float32 whatever the input (`force_float32_reductions`); only the output is
+    cast, which halves the bytes of every norm -> swish in bfloat16. XLA fuses a residual add before
+    it, the normalisation, the affine map and a swish after it into one pass that writes the output;
+    the group statistics are two small reductions (tests/test_group_norm.py checks the compiled HLO).
+    A hand-folded form (y = x * a + b with per-(example, channel) a, b) ran fwd+bwd up to 2.75x
+    faster alone at cifar10's shapes but lost 3% in the digits step (bench/RESULTS.md, issue 24).
     """
-    b, c = x.shape[0], x.shape[-1]
-    groups = x.astype(jnp.float32).reshape(b, -1, num_groups, c // num_groups)  # [B, HW, G, C/G]
-    mean = jnp.mean(groups, axis=(1, 3), keepdims=True)  # [B, 1, G, 1]
-    var = jnp.maximum(jnp.mean(jnp.square(groups), axis=(1, 3), keepdims=True) - jnp.square(mean), 0.0)
-    a = scale.reshape(1, 1, num_groups, -1) * jax.lax.rsqrt(var + eps)  # [B, 1, G, C/G]
-    y = (groups * a + (bias.reshape(1, 1, num_groups, -1) - mean * a)).reshape(x.shape)
-    return y * jax.nn.sigmoid(y) if swish else y
-
-
-class GroupNorm(nn.Module):
-    """GroupNorm with float32 statistics, scale and shift, returning `dtype`; `swish=True` at the call
-    applies swish in the same fused pass (`group_norm_swish`).
-
-    Its parameters are flax's nn.GroupNorm's ('scale' ones, 'bias' zeros, [C] float32), so checkpoints
-    of either read into the other. Only the output is cast to `dtype`, which halves the bytes of every
-    norm -> swish -> conv chain in bfloat16.
-    """
-
-    num_groups: int
-    dtype: Dtype = jnp.float32
-    epsilon: float = GROUPNORM_EPS
-
-    @nn.compact
-    def __call__(self, x: chex.Array, swish: bool = False) -> jnp.ndarray:
-        c = x.shape[-1]
-        if c % self.num_groups:
-            raise ValueError(f"GroupNorm: {c} channels are not divisible by num_groups={self.num_groups}.")
-        scale = self.param("scale", nn.initializers.ones, (c,), jnp.float32)
-        bias = self.param("bias", nn.initializers.zeros, (c,), jnp.float32)
-        return group_norm_swish(x, scale, bias, self.num_groups, swish, self.epsilon).astype(self.dtype)
-
-
-def group_norm(num_groups: int, dtype: Dtype, name: str | None = None) -> GroupNorm:
-    """GroupNorm with the reference's epsilon, float32 statistics, returning `dtype`."""
-    return GroupNorm(num_groups=num_groups, dtype=dtype, name=name)
+    return nn.GroupNorm(num_groups=num_groups, epsilon=GROUPNORM_EPS, dtype=dtype, param_dtype=jnp.float32, name=name)
 
 
 def conv3x3(features: int, dtype: Dtype, stride: int = 1, init_scale: float = 1.0, name: str | None = None) -> nn.Conv:
@@ -162,11 +117,11 @@ class ResnetBlock(nn.Module):
     @nn.compact
     def __call__(self, x: chex.Array, temb: chex.Array, train: bool) -> jnp.ndarray:
         """x [B, H, W, C_in], temb [B, E] -> [B, H, W, out_ch] in `dtype`."""
-        h = group_norm(self.num_groups, self.dtype, "norm1")(x, swish=True)
+        h = nn.swish(group_norm(self.num_groups, self.dtype, "norm1")(x))
         h = conv3x3(self.out_ch, self.dtype, name="conv1")(h)
         # A per-channel bias from the time embedding; the reference applies swish to temb first.
         h = h + dense(self.out_ch, self.dtype, name="temb_proj")(nn.swish(temb))[:, None, None, :]
-        h = group_norm(self.num_groups, self.dtype, "norm2")(h, swish=True)
+        h = nn.swish(group_norm(self.num_groups, self.dtype, "norm2")(h))
         h = nn.Dropout(self.dropout)(h, deterministic=not train)
         # Zero-init: the block starts as the identity (or the NIN projection).
         h = conv3x3(self.out_ch, self.dtype, init_scale=0.0, name="conv2")(h)

@@ -87,7 +87,7 @@ class UNet(nn.Module):
         h = self._attn("mid_attn")(h)
         h = self._res(h.shape[-1], "mid_block_1")(h, temb, train)
         h = self._up(h, hs, temb, train)
-        h = group_norm(self.num_groups, jnp.float32, "norm_out")(h, swish=True)
+        h = nn.swish(group_norm(self.num_groups, jnp.float32, "norm_out")(h))
         # The last conv runs in float32 (it is cheap) and starts at zero, so the initial output is 0.
         return conv3x3(self.out_ch, jnp.float32, init_scale=0.0, name="conv_out")(h)
 
