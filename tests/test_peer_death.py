@@ -86,6 +86,27 @@ def test_peer_watch(monkeypatch):
     assert lost == ["process 0"]
 
 
+def test_peer_lost_knows_a_broken_collective_in_either_form(monkeypatch):
+    """A dead peer's collective fails as a JaxRuntimeError in a step, but as a ValueError with the same text
+    from the jitted all-gather of orbax's sync before a checkpoint save (seen with the flat train state);
+    both, and either wrapped by another exception, are a lost peer. Other errors, or one process, are not."""
+    gloo = "UNKNOWN: Gloo AllGather failed: [pair.cc:538] Read error [127.0.0.1]:22414: Connection reset by peer"
+    monkeypatch.setattr(jax, "process_count", lambda: 2)
+    assert distributed.peer_lost(jax.errors.JaxRuntimeError(gloo))
+    assert distributed.peer_lost(ValueError(gloo))
+    try:
+        try:
+            raise ValueError(gloo)
+        except ValueError as inner:
+            raise RuntimeError("checkpoint save failed") from inner
+    except RuntimeError as wrapped:
+        assert distributed.peer_lost(wrapped)
+    assert not distributed.peer_lost(ValueError("config.model.ch=7 must be divisible by 8"))
+    assert not distributed.peer_lost(RuntimeError(gloo))  # not what a collective raises
+    monkeypatch.setattr(jax, "process_count", lambda: 1)
+    assert not distributed.peer_lost(ValueError(gloo))
+
+
 @pytest.mark.slow  # two train.py processes
 def test_survivor_says_one_line_and_exits(data_dir, tmp_path, tmp_path_factory):
     env = fu.env(str(tmp_path_factory.getbasetemp()), data_dir, devices=1)

@@ -129,10 +129,18 @@ PEER_LOST_MARKS = ("Gloo", "Connection reset by peer", "Connection closed by pee
 
 def peer_lost(e: BaseException) -> bool:
     """Whether `e` is a multi-process run's collective that failed because another process is gone
-    (killed, crashed, its host lost): a JaxRuntimeError whose text names the transport that broke."""
-    if jax.process_count() == 1 or not isinstance(e, jax.errors.JaxRuntimeError):
+    (killed, crashed, its host lost): a JaxRuntimeError, or the ValueError that jax raises for the same
+    failure from a jitted call's dispatch (orbax's sync_global_processes during a checkpoint save), whose
+    text names the transport that broke; also when it is the cause or context of `e`."""
+    if jax.process_count() == 1:
         return False
-    return any(mark in str(e) for mark in PEER_LOST_MARKS)
+    seen = set()
+    while e is not None and id(e) not in seen:
+        seen.add(id(e))
+        if isinstance(e, jax.errors.JaxRuntimeError | ValueError) and any(m in str(e) for m in PEER_LOST_MARKS):
+            return True
+        e = e.__cause__ or e.__context__
+    return False
 
 
 def lost_peer_name() -> str:
