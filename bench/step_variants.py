@@ -26,7 +26,6 @@ import argparse
 import functools
 import json
 import os
-import platform
 import statistics
 import subprocess
 import sys
@@ -49,15 +48,12 @@ STEP_CONFIGS = {"vdm": 128, "cifar10": 8}
 
 
 def _median_s(fn, reps: int) -> float:
+    """The median seconds of `reps` blocked calls of fn after one warm-up call (common.timed_calls)."""
+    import common
     import jax
 
     jax.block_until_ready(fn())
-    times = []
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        jax.block_until_ready(fn())
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
+    return statistics.median(common.timed_calls(fn, reps)[0])
 
 
 def _train_step(name: str, batch_size: int):
@@ -360,15 +356,12 @@ def main() -> None:
         print(json.dumps(row))
         return
     os.environ["XLA_FLAGS"] = xla_flags.with_cpu_defaults(os.environ.get("XLA_FLAGS", ""))
-    import jax
+    import common  # imports jax: after the flags
 
     results = {
         "command": " ".join(sys.argv),
-        "jax": jax.__version__,
-        "machine": platform.machine(),
-        "cpus": os.cpu_count(),
         "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-        "load_avg_before": os.getloadavg(),
+        **common.env_info(),
         "parts": {},
     }
     parts = {
@@ -382,9 +375,7 @@ def main() -> None:
         print(f"{part}:")
         results["parts"][part] = parts[part]()
         results["load_avg_after"] = os.getloadavg()
-        os.makedirs(os.path.dirname(opts.out), exist_ok=True)
-        with open(opts.out, "w") as f:
-            json.dump(results, f, indent=1)
+        common.dump(opts.out, results)
     print(f"JSON: {opts.out}")
 
 
